@@ -1,0 +1,2 @@
+//! flagsmith-sse: Flagsmith's real-time flag updates service, backed by NATS JetStream.
+pub mod timestamp;
