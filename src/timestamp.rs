@@ -115,7 +115,9 @@ pub fn parse_decimal_seconds(literal: &str) -> Result<Timestamp, TimestampError>
             b'e' | b'E' => {
                 let exp_text =
                     std::str::from_utf8(&rest[i + 1..]).map_err(|_| TimestampError::Number)?;
-                exponent = exp_text.parse::<i64>().map_err(|_| TimestampError::Number)?;
+                exponent = exp_text
+                    .parse::<i64>()
+                    .map_err(|_| TimestampError::Number)?;
                 break;
             }
             _ => return Err(TimestampError::Number),
@@ -164,8 +166,8 @@ pub fn parse_decimal_seconds(literal: &str) -> Result<Timestamp, TimestampError>
     if shift < 0 {
         first_dropped = 0;
     }
-    let round_up = first_dropped > 5
-        || (first_dropped == 5 && (dropped_rest_nonzero || micros % 2 == 1));
+    let round_up =
+        first_dropped > 5 || (first_dropped == 5 && (dropped_rest_nonzero || micros % 2 == 1));
     if round_up {
         micros += 1;
     }
@@ -178,13 +180,19 @@ pub fn parse_decimal_seconds(literal: &str) -> Result<Timestamp, TimestampError>
 /// digits are truncated, as Python does. No offset means UTC.
 pub fn parse_iso8601(text: &str) -> Result<Timestamp, TimestampError> {
     let mut cur = Cursor(text.as_bytes());
-    let year = cur.digits(4).ok_or(TimestampError::Iso("expected a 4-digit year"))?;
+    let year = cur
+        .digits(4)
+        .ok_or(TimestampError::Iso("expected a 4-digit year"))?;
     cur.expect(b'-')
         .ok_or(TimestampError::Iso("expected '-' after the year"))?;
-    let month = cur.digits(2).ok_or(TimestampError::Iso("expected a 2-digit month"))?;
+    let month = cur
+        .digits(2)
+        .ok_or(TimestampError::Iso("expected a 2-digit month"))?;
     cur.expect(b'-')
         .ok_or(TimestampError::Iso("expected '-' after the month"))?;
-    let day = cur.digits(2).ok_or(TimestampError::Iso("expected a 2-digit day"))?;
+    let day = cur
+        .digits(2)
+        .ok_or(TimestampError::Iso("expected a 2-digit day"))?;
     if !(1..=12).contains(&month) {
         return Err(TimestampError::Iso("month must be 01 to 12"));
     }
@@ -198,15 +206,21 @@ pub fn parse_iso8601(text: &str) -> Result<Timestamp, TimestampError> {
             Some(b'T' | b't' | b' ') => {}
             _ => return Err(TimestampError::Iso("expected 'T' between date and time")),
         }
-        hour = cur.digits(2).ok_or(TimestampError::Iso("expected a 2-digit hour"))?;
+        hour = cur
+            .digits(2)
+            .ok_or(TimestampError::Iso("expected a 2-digit hour"))?;
         if cur.expect(b':').is_some() {
-            minute = cur.digits(2).ok_or(TimestampError::Iso("expected 2-digit minutes"))?;
+            minute = cur
+                .digits(2)
+                .ok_or(TimestampError::Iso("expected 2-digit minutes"))?;
             if cur.expect(b':').is_some() {
-                second = cur.digits(2).ok_or(TimestampError::Iso("expected 2-digit seconds"))?;
+                second = cur
+                    .digits(2)
+                    .ok_or(TimestampError::Iso("expected 2-digit seconds"))?;
                 if cur.expect(b'.').or_else(|| cur.expect(b',')).is_some() {
-                    micros = cur
-                        .fraction_micros()
-                        .ok_or(TimestampError::Iso("expected digits after the decimal point"))?;
+                    micros = cur.fraction_micros().ok_or(TimestampError::Iso(
+                        "expected digits after the decimal point",
+                    ))?;
                 }
             }
         }
@@ -223,7 +237,9 @@ pub fn parse_iso8601(text: &str) -> Result<Timestamp, TimestampError> {
             None => {}
             Some(b'Z') => {}
             Some(sign @ (b'+' | b'-')) => {
-                let oh = cur.digits(2).ok_or(TimestampError::Iso("expected a 2-digit offset hour"))?;
+                let oh = cur
+                    .digits(2)
+                    .ok_or(TimestampError::Iso("expected a 2-digit offset hour"))?;
                 cur.expect(b':');
                 let om = if cur.is_empty() {
                     0

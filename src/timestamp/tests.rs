@@ -25,7 +25,10 @@ fn iso_strings_match_python_bit_for_bit() {
         let python: f64 = repr.parse().expect("python repr");
         assert_eq!(ts.as_secs_f64().to_bits(), python.to_bits(), "{input}");
         let rendered = ts.to_string();
-        assert!(rendered.contains('.'), "{input}: {rendered} lacks a decimal point");
+        assert!(
+            rendered.contains('.'),
+            "{input}: {rendered} lacks a decimal point"
+        );
         assert_eq!(
             rendered.parse::<f64>().expect("rendered").to_bits(),
             python.to_bits(),
@@ -44,24 +47,40 @@ fn iso_strings_match_python_bit_for_bit() {
 #[test]
 fn json_bodies_accept_strings_and_numbers() {
     let cases: &[(&str, i64)] = &[
-        (r#"{"updated_at": "2025-07-14T13:49:43.123456+00:00"}"#, 1_752_500_983_123_456),
+        (
+            r#"{"updated_at": "2025-07-14T13:49:43.123456+00:00"}"#,
+            1_752_500_983_123_456,
+        ),
         (r#"{"updated_at":123}"#, 123_000_000),
         (r#"{"updated_at":0}"#, 0),
         (r#"{"updated_at":-0}"#, 0),
         (r#"{"updated_at":1735229888.76}"#, 1_735_229_888_760_000),
         (r#"{"updated_at":1.73522988876e9}"#, 1_735_229_888_760_000),
-        (r#"{"updated_at":1735229888.7600004}"#, 1_735_229_888_760_000),
-        (r#"{"updated_at":1735229888.7600006}"#, 1_735_229_888_760_001),
+        (
+            r#"{"updated_at":1735229888.7600004}"#,
+            1_735_229_888_760_000,
+        ),
+        (
+            r#"{"updated_at":1735229888.7600006}"#,
+            1_735_229_888_760_001,
+        ),
         // Half a microsecond rounds to even, as Python's datetime.fromtimestamp does.
         (r#"{"updated_at":0.0000005}"#, 0),
         (r#"{"updated_at":0.0000015}"#, 2),
         (r#"{"updated_at":0.00000150001}"#, 2),
         (r#"{"updated_at":1E-9}"#, 0),
-        (r#"{"updated_at":"2025-07-14T13:49:43Z","other":[1,2]}"#, 1_752_500_983_000_000),
-        (r#"{"updated_at":"2025-07-14T13:49:43\u005a"}"#, 1_752_500_983_000_000),
+        (
+            r#"{"updated_at":"2025-07-14T13:49:43Z","other":[1,2]}"#,
+            1_752_500_983_000_000,
+        ),
+        (
+            r#"{"updated_at":"2025-07-14T13:49:43\u005a"}"#,
+            1_752_500_983_000_000,
+        ),
     ];
     for (body, micros) in cases {
-        let ts = Timestamp::from_update_json(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+        let ts =
+            Timestamp::from_update_json(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
         assert_eq!(ts.micros(), *micros, "{body}");
     }
 }
@@ -78,13 +97,20 @@ fn json_bodies_reject_what_is_not_a_timestamp() {
         (r#"{"updated_at":{}}"#, TimestampError::WrongType),
         (r#"{"updated_at":-1}"#, TimestampError::OutOfRange),
         (r#"{"updated_at":1e300}"#, TimestampError::OutOfRange),
-        (r#"{"updated_at":9007199254.740993}"#, TimestampError::OutOfRange),
+        (
+            r#"{"updated_at":9007199254.740993}"#,
+            TimestampError::OutOfRange,
+        ),
         (r#"{"updated_at":"yesterday"}"#, TimestampError::Iso("")),
         (r#"{"updated_at":""}"#, TimestampError::Iso("")),
     ];
     for (body, want) in cases {
         let got = Timestamp::from_update_json(body.as_bytes()).expect_err(body);
-        assert_eq!(std::mem::discriminant(&got), std::mem::discriminant(want), "{body}: {got}");
+        assert_eq!(
+            std::mem::discriminant(&got),
+            std::mem::discriminant(want),
+            "{body}: {got}"
+        );
     }
 }
 
@@ -120,6 +146,11 @@ fn render_always_has_a_decimal_point() {
         (1_752_500_983_123_456, "1752500983.123456"),
         (MAX_MICROS, "9007199254.740992"),
     ] {
-        assert_eq!(Timestamp::from_micros(micros).expect("in range").to_string(), want);
+        assert_eq!(
+            Timestamp::from_micros(micros)
+                .expect("in range")
+                .to_string(),
+            want
+        );
     }
 }

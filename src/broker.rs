@@ -1,0 +1,492 @@
+//! The NATS JetStream side: storing updates and feeding the hub.
+//!
+//! Each instance runs exactly one JetStream consumer for all environments: an ordered push
+//! consumer over `flagsmith.environment.>` that starts with the last message of every
+//! subject and then follows new ones. It fills the hub, which answers every subscriber's
+//! "latest on connect" from memory. The reference service created a consumer per client;
+//! consumers cost the server ~39 KB each and are created at only a few thousand per second,
+//! which is where it stopped scaling.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, consumer::push, context::PublishErrorKind, stream};
+use async_nats::{ConnectOptions, Event, ServerAddr};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::environment::validate_key;
+use crate::hub::{Hub, Update};
+use crate::metrics::{Metrics, NatsOp};
+use crate::timestamp::Timestamp;
+
+/// Every environment's subject is this prefix, a dot, and its key.
+pub const SUBJECT_PREFIX: &str = "flagsmith.environment";
+const SUBJECT_FILTER: &str = "flagsmith.environment.>";
+
+/// How many times a publish is retried when another writer got to the same environment
+/// first; each retry re-reads what is stored, so this bounds a tight race, not a fault.
+const MAX_PUBLISH_ATTEMPTS: usize = 8;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the HTTP layer needs from whatever stores updates.
+pub trait Broker: Send + Sync + 'static {
+    /// Stores `timestamp` as `key`'s newest update; resolves once it is durably stored.
+    fn publish<'a>(
+        &'a self,
+        key: &'a str,
+        timestamp: Timestamp,
+    ) -> BoxFuture<'a, Result<Published, PublishError>>;
+
+    /// Connected and holding current data: what `/readyz` reports. Must not do I/O.
+    fn is_ready(&self) -> bool;
+
+    /// Connected to the broker at all. Must not do I/O.
+    fn is_connected(&self) -> bool;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// Stored now, at this stream sequence.
+    Stored { sequence: u64 },
+    /// The same update was stored before (a retried POST); not stored twice.
+    Duplicate { sequence: u64 },
+    /// An equal or newer timestamp is already stored, so this one must not replace it.
+    AlreadyCurrent { current: Timestamp },
+}
+
+#[derive(Debug, Error)]
+pub enum PublishError {
+    #[error("NATS is not connected")]
+    NotConnected,
+    #[error("NATS did not acknowledge the write: {0}")]
+    NotAcknowledged(String),
+    #[error("the environment kept changing under concurrent writes; retry")]
+    Contended,
+}
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("NATS_URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("could not connect to NATS: {0}")]
+    Connect(String),
+}
+
+/// Settings of the NATS side, from `Config`.
+#[derive(Clone, Debug)]
+pub struct NatsSettings {
+    pub url: String,
+    pub stream: String,
+    pub max_age: Duration,
+    pub replicas: u8,
+    pub timeout: Duration,
+}
+
+pub struct NatsBroker {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    settings: NatsSettings,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    /// The consumer has delivered everything the stream held when it was created.
+    caught_up: AtomicBool,
+}
+
+impl NatsBroker {
+    /// Starts connecting (in the background if NATS is not up yet) and starts the consumer
+    /// that feeds `hub`. Returns at once: the HTTP side serves `/livez` meanwhile, and
+    /// `/readyz` says 503 until this is connected and caught up.
+    pub async fn start(
+        settings: NatsSettings,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let (servers, options) = connect_options(&settings.url)?;
+        let event_metrics = metrics.clone();
+        let options = options
+            .name("flagsmith-sse")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .ping_interval(Duration::from_secs(10))
+            .event_callback(move |event| {
+                let metrics = event_metrics.clone();
+                async move { log_event(&metrics, event) }
+            });
+        let client = options
+            .connect(servers)
+            .await
+            .map_err(|e| BrokerError::Connect(e.to_string()))?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(settings.timeout)
+            .ack_timeout(settings.timeout)
+            .build(client.clone());
+        let broker = Arc::new(Self {
+            client,
+            jetstream,
+            settings,
+            hub,
+            metrics,
+            caught_up: AtomicBool::new(false),
+        });
+        tokio::spawn(broker.clone().run_consumer());
+        Ok(broker)
+    }
+
+    /// Keeps one consumer running for the life of the process. The ordered consumer heals
+    /// itself across reconnects; this loop only handles failing to set it up at all.
+    async fn run_consumer(self: Arc<Self>) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.consume().await {
+                Ok(()) => {
+                    warn!("NATS consumer ended; starting a new one");
+                    delay = Duration::from_millis(100);
+                }
+                Err(err) => {
+                    warn!(error = %err, retry_in = ?delay, "NATS consumer not running");
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn ensure_stream(&self) -> Result<stream::Stream, String> {
+        let config = stream::Config {
+            name: self.settings.stream.clone(),
+            subjects: vec![SUBJECT_FILTER.to_owned()],
+            max_messages_per_subject: 1,
+            max_age: self.settings.max_age,
+            num_replicas: usize::from(self.settings.replicas),
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: self.settings.max_age.min(Duration::from_secs(120)),
+            ..Default::default()
+        };
+        let mut stream = self
+            .jetstream
+            .get_or_create_stream(config.clone())
+            .await
+            .map_err(|e| {
+                self.metrics.nats_error(NatsOp::CreateJetstream);
+                format!("creating stream {}: {e}", config.name)
+            })?;
+        if let Ok(info) = stream.info().await {
+            let have = &info.config;
+            if have.subjects != config.subjects
+                || have.max_messages_per_subject != 1
+                || have.max_age != config.max_age
+                || have.num_replicas != config.num_replicas
+            {
+                warn!(
+                    stream = %config.name,
+                    subjects = ?have.subjects,
+                    max_age = ?have.max_age,
+                    max_messages_per_subject = have.max_messages_per_subject,
+                    replicas = have.num_replicas,
+                    "existing stream's settings differ from this service's; using it as it is"
+                );
+            }
+        }
+        Ok(stream)
+    }
+
+    async fn consume(&self) -> Result<(), String> {
+        let stream = self.ensure_stream().await?;
+        let consumer = stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: SUBJECT_FILTER.to_owned(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                self.metrics.nats_error(NatsOp::CreateConsumer);
+                format!("creating consumer: {e}")
+            })?;
+        let pending = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await.map_err(|e| {
+            self.metrics.nats_error(NatsOp::CreateConsumer);
+            format!("subscribing to consumer: {e}")
+        })?;
+        if pending == 0 {
+            self.mark_caught_up();
+        }
+        info!(stream = %self.settings.stream, pending, "NATS consumer running");
+        while let Some(item) = messages.next().await {
+            match item {
+                Ok(message) => self.receive(&message),
+                Err(err) => {
+                    // The ordered consumer recreates itself after this; nothing is lost
+                    // because it resumes from the last stream sequence it delivered.
+                    self.metrics.nats_error(NatsOp::Read);
+                    warn!(error = %err, "NATS consumer interrupted; it resumes by itself");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_caught_up(&self) {
+        if !self.caught_up.swap(true, Ordering::Relaxed) {
+            info!("caught up with every stored environment");
+        }
+    }
+
+    fn receive(&self, message: &jetstream::Message) {
+        let Ok(info) = message.info() else {
+            self.metrics.nats_error(NatsOp::Read);
+            warn!(subject = %message.subject, "message without JetStream metadata ignored");
+            return;
+        };
+        let (sequence, pending, stored_at) = (
+            info.stream_sequence,
+            info.pending,
+            SystemTime::from(info.published),
+        );
+        let key = message
+            .subject
+            .strip_prefix(SUBJECT_PREFIX)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|key| validate_key(key).ok());
+        let timestamp = Timestamp::from_update_json(&message.payload);
+        match (key, timestamp) {
+            (Some(key), Ok(timestamp)) => {
+                let moved = self.hub.apply(
+                    key,
+                    Update {
+                        timestamp,
+                        sequence,
+                        stored_at,
+                    },
+                );
+                debug!(key, %timestamp, sequence, moved, "update received");
+            }
+            (key, timestamp) => {
+                self.metrics.nats_error(NatsOp::Read);
+                warn!(
+                    subject = %message.subject,
+                    key_ok = key.is_some(),
+                    payload_error = ?timestamp.err(),
+                    "unreadable message in the stream ignored"
+                );
+            }
+        }
+        if pending == 0 {
+            self.mark_caught_up();
+        }
+    }
+
+    /// What the stream holds for `subject`: its timestamp and sequence, or `None`.
+    async fn stored(&self, subject: &str) -> Result<Option<(Timestamp, u64)>, PublishError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self
+            .jetstream
+            .get_stream_no_info(&self.settings.stream)
+            .await
+            .map_err(|e| PublishError::NotAcknowledged(e.to_string()))?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => {
+                let timestamp = Timestamp::from_update_json(&message.payload)
+                    .map_err(|e| PublishError::NotAcknowledged(format!("stored message: {e}")))?;
+                Ok(Some((timestamp, message.sequence)))
+            }
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(PublishError::NotAcknowledged(err.to_string())),
+        }
+    }
+
+    async fn publish_update(
+        &self,
+        key: &str,
+        timestamp: Timestamp,
+    ) -> Result<Published, PublishError> {
+        if !self.is_connected() {
+            return Err(PublishError::NotConnected);
+        }
+        let subject = format!("{SUBJECT_PREFIX}.{key}");
+        let payload = Bytes::from(format!("{{\"updated_at\": {timestamp}}}"));
+        // The same environment and instant always get the same id, so JetStream drops a
+        // retried POST within its duplicate window instead of storing it twice.
+        let message_id = format!("{key}:{}", timestamp.micros());
+        // Start from what our consumer has seen; the stream corrects us if it moved on.
+        let mut stored = self
+            .hub
+            .latest(key)
+            .map(|update| (update.timestamp, update.sequence));
+        for _ in 0..MAX_PUBLISH_ATTEMPTS {
+            if let Some((current, _)) = stored
+                && current >= timestamp
+            {
+                return Ok(Published::AlreadyCurrent { current });
+            }
+            // With one message kept per subject, storing an older timestamp would erase a
+            // newer one. Publishing on the condition that the subject's last sequence is the
+            // one we compared with makes "compare, then write" atomic in JetStream.
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&message_id)
+                .expected_last_subject_sequence(stored.map_or(0, |(_, sequence)| sequence));
+            let acked = match self.jetstream.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await,
+                Err(err) => Err(err),
+            };
+            match acked {
+                Ok(ack) if ack.duplicate => {
+                    return Ok(Published::Duplicate {
+                        sequence: ack.sequence,
+                    });
+                }
+                Ok(ack) => {
+                    return Ok(Published::Stored {
+                        sequence: ack.sequence,
+                    });
+                }
+                Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                    stored = self.stored(&subject).await.inspect_err(|_| {
+                        self.metrics.nats_error(NatsOp::Publish);
+                    })?;
+                }
+                Err(err) => {
+                    self.metrics.nats_error(NatsOp::Publish);
+                    return Err(PublishError::NotAcknowledged(err.to_string()));
+                }
+            }
+        }
+        self.metrics.nats_error(NatsOp::Publish);
+        Err(PublishError::Contended)
+    }
+}
+
+impl Broker for NatsBroker {
+    fn publish<'a>(
+        &'a self,
+        key: &'a str,
+        timestamp: Timestamp,
+    ) -> BoxFuture<'a, Result<Published, PublishError>> {
+        Box::pin(self.publish_update(key, timestamp))
+    }
+
+    fn is_ready(&self) -> bool {
+        self.is_connected() && self.caught_up.load(Ordering::Relaxed)
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+fn log_event(metrics: &Metrics, event: Event) {
+    match event {
+        Event::Connected => info!("NATS connected"),
+        Event::Disconnected => {
+            metrics.nats_error(NatsOp::Connect);
+            warn!("NATS disconnected; reconnecting");
+        }
+        Event::LameDuckMode => warn!("NATS server entering lame duck mode"),
+        Event::SlowConsumer(sid) => {
+            metrics.nats_error(NatsOp::Read);
+            warn!(sid, "NATS reports this client as a slow consumer");
+        }
+        other => warn!(event = %other, "NATS event"),
+    }
+}
+
+/// Splits `NATS_URL` into server addresses and credentials. async-nats does not take
+/// credentials from the URL itself, and operators put them there (`nats://token@host`,
+/// `nats://user:pass@host`), so we lift them out. The addresses keep no credentials, so
+/// they never reach a log.
+fn connect_options(url_list: &str) -> Result<(Vec<ServerAddr>, ConnectOptions), BrokerError> {
+    let bad = |reason: String| BrokerError::BadUrl {
+        url: redact(url_list),
+        reason,
+    };
+    let mut servers = Vec::new();
+    let mut options = ConnectOptions::new();
+    let mut credentials: Option<(String, Option<String>)> = None;
+    for part in url_list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let addr: ServerAddr = part
+            .parse()
+            .map_err(|e: std::io::Error| bad(e.to_string()))?;
+        let mut url = addr.into_inner();
+        if !url.username().is_empty() {
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            let found = (decode(url.username()), url.password().map(decode));
+            if credentials.as_ref().is_some_and(|c| c != &found) {
+                return Err(bad("servers carry different credentials".into()));
+            }
+            credentials = Some(found);
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+        }
+        servers.push(ServerAddr::from_url(url).map_err(|e| bad(e.to_string()))?);
+    }
+    if servers.is_empty() {
+        return Err(bad("no server given".into()));
+    }
+    match credentials {
+        Some((user, Some(password))) => options = options.user_and_password(user, password),
+        Some((token, None)) => options = options.token(token),
+        None => {}
+    }
+    Ok((servers, options))
+}
+
+/// `NATS_URL` with credentials replaced, for logs and errors.
+pub fn redact(url_list: &str) -> String {
+    url_list
+        .split(',')
+        .map(|part| match (part.find("://"), part.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &part[..scheme], &part[at + 1..])
+            }
+            (None, Some(at)) => format!("***@{}", &part[at + 1..]),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_lifted_out_of_the_url() {
+        let (servers, _) =
+            connect_options("nats://user:p%40ss@a:4222, nats://user:p%40ss@b:4223").expect("ok");
+        let hosts: Vec<_> = servers
+            .iter()
+            .map(|s| (s.host().to_owned(), s.port()))
+            .collect();
+        assert_eq!(hosts, [("a".to_owned(), 4222), ("b".to_owned(), 4223)]);
+        assert!(servers.iter().all(|s| !s.has_user_pass()));
+        assert!(connect_options("nats://u:p@a:1,nats://v:q@b:2").is_err());
+        assert!(connect_options("").is_err());
+        assert!(connect_options("http://a:1").is_err());
+        let (servers, _) = connect_options("127.0.0.1:4222").expect("scheme optional");
+        assert_eq!(servers[0].port(), 4222);
+    }
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(
+            redact("nats://tok@a:1,nats://u:p@b:2,nats://c:3"),
+            "nats://***@a:1,nats://***@b:2,nats://c:3"
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! Settings, from environment variables (the names Flagsmith's deployments already use) or
+//! the matching command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use thiserror::Error;
+
+/// Flagsmith's real-time flag updates service: Server-Sent Events backed by NATS JetStream.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "flagsmith-sse", version, about, long_about = None)]
+pub struct Config {
+    /// What to do. Only `serve` exists; it is also what runs with no argument. Accepted so
+    /// that Flagsmith's Helm chart (`args: ["serve"]`) runs this binary unchanged.
+    #[arg(value_parser = ["serve"], default_value = "serve", hide_default_value = true)]
+    pub command: String,
+
+    /// URL of a NATS server, or several separated by commas. May carry credentials:
+    /// `nats://user:pass@host:4222` or `nats://token@host:4222`.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Address to listen on for HTTP: `:8080` (every IPv4 interface), `127.0.0.1:8080`,
+    /// `[::]:8080`. Port 0 picks a free port (the chosen address is logged).
+    #[arg(long, env = "LISTEN_ADDR", default_value = ":8080")]
+    pub listen_addr: String,
+
+    /// Shared secret the Flagsmith task processor sends as `Authorization: Token <secret>`
+    /// to queue-change. Required.
+    #[arg(long, env = "SSE_AUTHENTICATION_TOKEN", hide_env_values = true)]
+    pub authentication_token: Option<String>,
+
+    /// Send a keep-alive comment after this long without a write to a stream.
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// Name of the JetStream stream that holds the last update of each environment.
+    #[arg(long, env = "NATS_STREAM", default_value = "FLAGSMITH_SSE")]
+    pub nats_stream: String,
+
+    /// How long an update is kept and sent to new subscribers on connect (stream max age).
+    #[arg(long, env = "NATS_STREAM_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub nats_stream_max_age: Duration,
+
+    /// Replicas of the stream, for clustered NATS (1, 3 or 5).
+    #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_stream_replicas: u8,
+
+    /// How long to wait for NATS to acknowledge a write before answering 503. Flagsmith's
+    /// API gives up after 2 s, so this stays below it.
+    #[arg(long, env = "NATS_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]
+    pub nats_timeout: Duration,
+
+    /// PEM certificate chain; with TLS_KEY_FILE, serves HTTPS (ALPN h2 and http/1.1).
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key for TLS_CERT_FILE.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Most concurrent HTTP/2 streams (subscribers) one connection may open.
+    #[arg(long, env = "HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 10_000)]
+    pub http2_max_concurrent_streams: u32,
+
+    /// Close a connection that has not sent its request headers within this time.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Give up on a queue-change body that has not arrived within this time (408).
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
+    /// On SIGTERM or SIGINT, wait at most this long for connections to finish.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: tracing::Level,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error(
+        "SSE_AUTHENTICATION_TOKEN is not set: set it (or --authentication-token) to the \
+         secret Flagsmith's API sends to queue-change"
+    )]
+    MissingToken,
+    #[error("LISTEN_ADDR {0:?} is not an address like :8080, 127.0.0.1:8080 or [::]:8080")]
+    BadListenAddr(String),
+}
+
+impl Config {
+    /// The token, refusing to run without one: an open queue-change would let anyone push
+    /// fake updates to every SDK.
+    pub fn token(&self) -> Result<&str, ConfigError> {
+        match self.authentication_token.as_deref() {
+            Some(token) if !token.is_empty() => Ok(token),
+            _ => Err(ConfigError::MissingToken),
+        }
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_listen_addr(&self.listen_addr)
+    }
+}
+
+/// `:8080` is Go's spelling for "every interface", which the reference service accepted.
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, ConfigError> {
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => text.to_owned(),
+    };
+    full.parse()
+        .map_err(|_| ConfigError::BadListenAddr(text.to_owned()))
+}
+
+/// `15s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 15s, 500ms, 2m or 1h"))?;
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{text:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn listen_addrs() {
+        assert_eq!(
+            parse_listen_addr(":8080"),
+            Ok("0.0.0.0:8080".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_listen_addr("127.0.0.1:0"),
+            Ok("127.0.0.1:0".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_listen_addr("[::]:80"),
+            Ok("[::]:80".parse().expect("addr"))
+        );
+        assert!(parse_listen_addr("localhost").is_err());
+    }
+
+    #[test]
+    fn token_is_required() {
+        let mut config = Config::parse_from(["flagsmith-sse"]);
+        config.authentication_token = None;
+        assert_eq!(config.token(), Err(ConfigError::MissingToken));
+        config.authentication_token = Some(String::new());
+        assert_eq!(config.token(), Err(ConfigError::MissingToken));
+        config.authentication_token = Some("secret".into());
+        assert_eq!(config.token(), Ok("secret"));
+    }
+
+    #[test]
+    fn serve_is_accepted_for_the_helm_chart() {
+        let config =
+            Config::try_parse_from(["flagsmith-sse", "serve", "--keepalive-interval", "1s"])
+                .expect("serve parses");
+        assert_eq!(config.command, "serve");
+        assert!(Config::try_parse_from(["flagsmith-sse", "migrate"]).is_err());
+    }
+}

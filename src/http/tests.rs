@@ -1,0 +1,391 @@
+//! The HTTP layer driven directly, with a broker that records what it is asked to store.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+
+use super::*;
+use crate::broker::BoxFuture;
+
+#[derive(Default)]
+struct FakeBroker {
+    published: Mutex<Vec<(String, i64)>>,
+    down: AtomicBool,
+}
+
+impl Broker for FakeBroker {
+    fn publish<'a>(
+        &'a self,
+        key: &'a str,
+        timestamp: Timestamp,
+    ) -> BoxFuture<'a, Result<Published, PublishError>> {
+        Box::pin(async move {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(PublishError::NotConnected);
+            }
+            let mut published = self.published.lock().expect("lock");
+            published.push((key.to_owned(), timestamp.micros()));
+            Ok(Published::Stored {
+                sequence: published.len() as u64,
+            })
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.down.load(Ordering::Relaxed)
+    }
+
+    fn is_connected(&self) -> bool {
+        !self.down.load(Ordering::Relaxed)
+    }
+}
+
+fn state() -> (Arc<AppState>, Arc<FakeBroker>) {
+    let broker = Arc::new(FakeBroker::default());
+    let state = AppState::new(
+        Arc::new(Hub::new(Duration::from_secs(3600))),
+        broker.clone(),
+        Arc::new(Metrics::default()),
+        "s3cret",
+        Duration::from_secs(15),
+        Duration::from_secs(1),
+    );
+    (Arc::new(state), broker)
+}
+
+fn post(path: &str, auth: Option<&str>, body: &str) -> Request<Full<Bytes>> {
+    let mut builder = Request::post(path).header("content-type", "application/json");
+    if let Some(auth) = auth {
+        builder = builder.header("authorization", auth);
+    }
+    builder
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request")
+}
+
+async fn send(
+    state: &Arc<AppState>,
+    request: Request<Full<Bytes>>,
+) -> (StatusCode, HeaderMap, String) {
+    let response = handle(state.clone(), request).await.expect("infallible");
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8(bytes.to_vec()).expect("utf-8"),
+    )
+}
+
+const PATH: &str = "/sse/environments/n9fbf9h3v4fFgH3U3ngWhb/queue-change";
+const BODY: &str = r#"{"updated_at": "2025-07-14T13:49:43.123456+00:00"}"#;
+
+#[tokio::test]
+async fn queue_change_stores_with_the_right_token() {
+    let (state, broker) = state();
+    let (status, headers, body) = send(&state, post(PATH, Some("Token s3cret"), BODY)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(json["status"], "stored");
+    assert_eq!(json["updated_at"], 1752500983.123456);
+    assert_eq!(
+        *broker.published.lock().expect("lock"),
+        [("n9fbf9h3v4fFgH3U3ngWhb".to_owned(), 1_752_500_983_123_456)]
+    );
+    // The scheme is case-insensitive.
+    let (status, _, _) = send(&state, post(PATH, Some("token s3cret"), BODY)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn queue_change_checks_the_token_before_anything_else() {
+    let (state, broker) = state();
+    for auth in [
+        None,
+        Some("Token wrong!"),
+        Some("Token s3cre"),
+        Some("Bearer s3cret"),
+        Some("s3cret"),
+    ] {
+        // A bad key and a bad body still get 401: the token is checked first.
+        for (path, body) in [(PATH, BODY), ("/sse/environments/a.b/queue-change", "{")] {
+            let (status, headers, text) = send(&state, post(path, auth, body)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
+            assert_eq!(headers["www-authenticate"], "Token");
+            assert!(text.contains("\"unauthorized\""), "{text}");
+        }
+    }
+    assert!(broker.published.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn queue_change_rejects_bad_input_with_json_errors_and_publishes_nothing() {
+    let (state, broker) = state();
+    let auth = Some("Token s3cret");
+    let huge = format!(
+        r#"{{"updated_at": 1, "pad": "{}"}}"#,
+        "x".repeat(MAX_BODY_BYTES)
+    );
+    let cases: Vec<(String, String, StatusCode, &str)> = vec![
+        (
+            PATH.into(),
+            "not json".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            PATH.into(),
+            "{}".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_updated_at",
+        ),
+        (
+            PATH.into(),
+            r#"{"updated_at":"soon"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_updated_at",
+        ),
+        (
+            PATH.into(),
+            r#"{"updated_at":-5}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_updated_at",
+        ),
+        (
+            PATH.into(),
+            huge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+        (
+            "/sse/environments/a.b/queue-change".into(),
+            BODY.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_environment_key",
+        ),
+        (
+            "/sse/environments/a*/queue-change".into(),
+            BODY.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_environment_key",
+        ),
+        (
+            "/sse/environments/a%20b/queue-change".into(),
+            BODY.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_environment_key",
+        ),
+        (
+            format!("/sse/environments/{}/queue-change", "k".repeat(200)),
+            BODY.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_environment_key",
+        ),
+    ];
+    for (path, body, want_status, want_code) in cases {
+        let (status, headers, text) = send(&state, post(&path, auth, &body)).await;
+        assert_eq!(status, want_status, "{path} {text}");
+        assert_eq!(headers["content-type"], "application/json");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("json error body");
+        assert_eq!(json["error"], want_code, "{text}");
+        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    assert!(broker.published.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn queue_change_answers_503_with_retry_after_when_the_broker_is_down() {
+    let (state, broker) = state();
+    broker.down.store(true, Ordering::Relaxed);
+    let (status, headers, text) = send(&state, post(PATH, Some("Token s3cret"), BODY)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert_eq!(headers["retry-after"], "1");
+    let (status, _, _) = send(
+        &state,
+        Request::get("/readyz").body(Full::default()).expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn health_aliases_and_shutdown() {
+    let (state, _) = state();
+    for path in [
+        "/livez",
+        "/health",
+        "/health/liveness",
+        "/health/liveness/",
+        "/readyz",
+        "/health/readiness",
+        "/health/readiness/",
+    ] {
+        let (status, headers, _) = send(
+            &state,
+            Request::get(path).body(Full::default()).expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(headers["access-control-allow-origin"], "*");
+    }
+    state.begin_shutdown();
+    let (status, _, _) = send(
+        &state,
+        Request::get("/readyz").body(Full::default()).expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _, _) = send(
+        &state,
+        Request::get("/livez").body(Full::default()).expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn preflight_allows_authorization_from_any_origin() {
+    let (state, _) = state();
+    let request = Request::options(PATH)
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .body(Full::default())
+        .expect("req");
+    let (status, headers, _) = send(&state, request).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    assert!(
+        headers["access-control-allow-methods"]
+            .to_str()
+            .expect("ascii")
+            .contains("POST")
+    );
+    assert!(
+        headers["access-control-allow-headers"]
+            .to_str()
+            .expect("ascii")
+            .to_ascii_lowercase()
+            .contains("authorization")
+    );
+    let request = Request::options("/sse/environments/k/stream")
+        .body(Full::default())
+        .expect("req");
+    let (_, headers, _) = send(&state, request).await;
+    assert!(
+        headers["access-control-allow-headers"]
+            .to_str()
+            .expect("ascii")
+            .contains("Authorization")
+    );
+}
+
+#[tokio::test]
+async fn wrong_methods_and_unknown_paths() {
+    let (state, _) = state();
+    let (status, headers, _) = send(
+        &state,
+        Request::get(PATH).body(Full::default()).expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(headers["allow"], "POST, OPTIONS");
+    let (status, _, _) = send(
+        &state,
+        post("/sse/environments/k/stream", Some("Token s3cret"), BODY),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    for path in [
+        "/",
+        "/sse",
+        "/sse/environments/k",
+        "/sse/environments/k/other",
+    ] {
+        let (status, _, text) = send(
+            &state,
+            Request::get(path).body(Full::default()).expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(text.contains("not_found"));
+    }
+    let (status, _, text) = send(
+        &state,
+        Request::get("/sse/environments/a.b/stream")
+            .body(Full::default())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+}
+
+#[tokio::test]
+async fn stream_sends_latest_on_connect_then_only_newer() {
+    use crate::hub::Update;
+    use std::time::SystemTime;
+    let (state, _) = state();
+    let at = |micros| Update {
+        timestamp: Timestamp::from_micros(micros).expect("in range"),
+        sequence: 1,
+        stored_at: SystemTime::now(),
+    };
+    state.hub.apply("env", at(1_000_000));
+    let response = handle(
+        state.clone(),
+        Request::get("/sse/environments/env/stream")
+            .body(Full::default())
+            .expect("req"),
+    )
+    .await
+    .expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    assert!(response.headers().get("content-encoding").is_none());
+    assert_eq!(state.metrics.subscribers(), 1);
+    let mut body = response.into_body();
+    let mut next = async || {
+        let frame = body.frame().await.expect("frame").expect("infallible");
+        String::from_utf8(frame.into_data().expect("data").to_vec()).expect("utf-8")
+    };
+    assert_eq!(
+        next().await,
+        "event: environment_updated\ndata: {\"updated_at\": 1.0}\n\n"
+    );
+    state.hub.apply("env", at(500_000));
+    state.hub.apply("env", at(3_000_000));
+    assert_eq!(
+        next().await,
+        "event: environment_updated\ndata: {\"updated_at\": 3.0}\n\n"
+    );
+    state.hub.close();
+    assert!(
+        body.frame().await.is_none(),
+        "stream ends when the hub closes"
+    );
+    drop(body);
+    assert_eq!(state.metrics.subscribers(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_sends_keepalives_in_silence() {
+    let (state, _) = state();
+    let response = handle(
+        state.clone(),
+        Request::get("/sse/environments/env/stream")
+            .body(Full::default())
+            .expect("req"),
+    )
+    .await
+    .expect("infallible");
+    let mut body = response.into_body();
+    let started = tokio::time::Instant::now();
+    let frame = body.frame().await.expect("frame").expect("infallible");
+    assert_eq!(&frame.into_data().expect("data")[..], b": keepalive\n\n");
+    assert_eq!(started.elapsed(), Duration::from_secs(15));
+}

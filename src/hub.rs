@@ -1,0 +1,273 @@
+//! In-process fan-out: the newest update of each environment, shared with every local
+//! subscriber of that environment.
+//!
+//! Each environment has one `watch` channel holding its newest update, already encoded as
+//! an SSE event. A watch channel keeps only the latest value, so a slow subscriber costs no
+//! queue and never delays the others: when it next looks, it sees the newest event and
+//! skips the ones it missed. Sending wakes every subscriber once; each clones the same
+//! `Bytes` (a reference count), so an update is encoded once whatever the audience.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::timestamp::Timestamp;
+
+/// One stored update, as the broker delivered it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Update {
+    pub timestamp: Timestamp,
+    /// The JetStream stream sequence of the message; the publisher uses it to make sure an
+    /// older timestamp never overwrites a newer one in the stream.
+    pub sequence: u64,
+    /// When the broker stored it; after the retention period it is no longer sent on connect.
+    pub stored_at: SystemTime,
+}
+
+/// The newest update of one environment and its encoded SSE event.
+#[derive(Clone, Debug, Default)]
+pub struct Latest {
+    pub update: Option<Update>,
+    pub event: Bytes,
+}
+
+impl Latest {
+    fn new(update: Update) -> Self {
+        Self {
+            update: Some(update),
+            event: encode_event(update.timestamp),
+        }
+    }
+
+    /// The event to send a subscriber that has seen `seen` so far, if it is newer and was
+    /// stored within `retention` of `now`.
+    pub fn newer_than(
+        &self,
+        seen: Option<Timestamp>,
+        now: SystemTime,
+        retention: Duration,
+    ) -> Option<(Timestamp, &Bytes)> {
+        let update = self.update?;
+        if seen.is_some_and(|s| s >= update.timestamp) {
+            return None;
+        }
+        if !is_fresh(update.stored_at, now, retention) {
+            return None;
+        }
+        Some((update.timestamp, &self.event))
+    }
+}
+
+fn is_fresh(stored_at: SystemTime, now: SystemTime, retention: Duration) -> bool {
+    // A clock that went backwards makes `stored_at` look like the future: still fresh.
+    now.duration_since(stored_at)
+        .map_or(true, |age| age <= retention)
+}
+
+/// The bytes of one `environment_updated` event, in the exact shape SDKs parse.
+pub fn encode_event(timestamp: Timestamp) -> Bytes {
+    Bytes::from(format!(
+        "event: environment_updated\ndata: {{\"updated_at\": {timestamp}}}\n\n"
+    ))
+}
+
+pub type Subscription = watch::Receiver<Latest>;
+
+#[derive(Debug)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+    retention: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    environments: HashMap<Box<str>, watch::Sender<Latest>>,
+    closed: bool,
+}
+
+impl Hub {
+    /// `retention` is how long an update stays "known": sent on connect and kept here.
+    pub fn new(retention: Duration) -> Self {
+        Self {
+            inner: Mutex::default(),
+            retention,
+        }
+    }
+
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The map stays consistent under every panic point (insert/remove only), so a
+        // poisoned lock is still safe to use.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A subscription to `key`, or `None` once the hub is closed for shutdown.
+    pub fn subscribe(&self, key: &str) -> Option<Subscription> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return None;
+        }
+        if let Some(sender) = inner.environments.get(key) {
+            return Some(sender.subscribe());
+        }
+        let (sender, receiver) = watch::channel(Latest::default());
+        inner.environments.insert(key.into(), sender);
+        Some(receiver)
+    }
+
+    /// Records `update` for `key` if it is newer than what the hub holds, and wakes that
+    /// environment's subscribers. Returns whether it moved the environment forward: an equal
+    /// or older timestamp (a retry, or a delivery out of order) never moves it back.
+    pub fn apply(&self, key: &str, update: Update) -> bool {
+        let mut inner = self.lock();
+        if inner.closed {
+            return false;
+        }
+        if let Some(sender) = inner.environments.get(key) {
+            return sender.send_if_modified(|latest| {
+                let newer = latest
+                    .update
+                    .is_none_or(|current| update.timestamp > current.timestamp);
+                if newer {
+                    *latest = Latest::new(update);
+                }
+                newer
+            });
+        }
+        let (sender, _) = watch::channel(Latest::new(update));
+        inner.environments.insert(key.into(), sender);
+        true
+    }
+
+    /// The newest update the hub holds for `key`, fresh or not.
+    pub fn latest(&self, key: &str) -> Option<Update> {
+        self.lock()
+            .environments
+            .get(key)
+            .and_then(|sender| sender.borrow().update)
+    }
+
+    /// Forgets environments that have no subscribers and no fresh update, so that the map
+    /// does not grow with every key ever seen.
+    pub fn sweep(&self, now: SystemTime) -> usize {
+        let mut inner = self.lock();
+        let before = inner.environments.len();
+        let retention = self.retention;
+        inner.environments.retain(|_, sender| {
+            sender.receiver_count() > 0
+                || sender
+                    .borrow()
+                    .update
+                    .is_some_and(|u| is_fresh(u.stored_at, now, retention))
+        });
+        before - inner.environments.len()
+    }
+
+    /// Ends every subscription (their streams see the channel close) and refuses new ones.
+    pub fn close(&self) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        inner.environments.clear();
+    }
+
+    /// Environments held (with subscribers or a fresh update).
+    pub fn len(&self) -> usize {
+        self.lock().environments.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(micros: i64, sequence: u64) -> Update {
+        Update {
+            timestamp: Timestamp::from_micros(micros).expect("in range"),
+            sequence,
+            stored_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn never_moves_backwards() {
+        let hub = Hub::new(Duration::from_secs(3600));
+        let mut sub = hub.subscribe("env").expect("open");
+        assert!(hub.apply("env", update(2_000_000, 2)));
+        assert!(!hub.apply("env", update(1_000_000, 3)));
+        assert!(!hub.apply("env", update(2_000_000, 4)));
+        assert_eq!(hub.latest("env").map(|u| u.sequence), Some(2));
+        assert!(sub.has_changed().expect("open"));
+        let latest = sub.borrow_and_update();
+        assert_eq!(
+            &latest.event[..],
+            b"event: environment_updated\ndata: {\"updated_at\": 2.0}\n\n"
+        );
+    }
+
+    #[test]
+    fn encodes_once_and_shares_the_bytes() {
+        let hub = Hub::new(Duration::from_secs(3600));
+        let a = hub.subscribe("env").expect("open");
+        let b = hub.subscribe("env").expect("open");
+        hub.apply("env", update(1_500_000, 1));
+        assert_eq!(a.borrow().event.as_ptr(), b.borrow().event.as_ptr());
+    }
+
+    #[test]
+    fn stale_updates_are_not_sent_on_connect_and_are_swept() {
+        let hub = Hub::new(Duration::from_secs(60));
+        let mut old = update(1_000_000, 1);
+        old.stored_at = SystemTime::now() - Duration::from_secs(120);
+        hub.apply("old", old);
+        hub.apply("new", update(1_000_000, 2));
+        let now = SystemTime::now();
+        let sub = hub.subscribe("old").expect("open");
+        assert!(
+            sub.borrow()
+                .newer_than(None, now, hub.retention())
+                .is_none()
+        );
+        drop(sub);
+        assert_eq!(hub.sweep(now), 1);
+        assert!(hub.latest("old").is_none());
+        assert!(hub.latest("new").is_some());
+    }
+
+    #[test]
+    fn newer_than_skips_what_the_subscriber_has_seen() {
+        let latest = Latest::new(update(5_000_000, 1));
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let five = Timestamp::from_micros(5_000_000).expect("in range");
+        let four = Timestamp::from_micros(4_000_000).expect("in range");
+        assert!(latest.newer_than(Some(five), now, day).is_none());
+        assert_eq!(
+            latest.newer_than(Some(four), now, day).map(|(t, _)| t),
+            Some(five)
+        );
+        assert_eq!(
+            latest.newer_than(None, now, day).map(|(t, _)| t),
+            Some(five)
+        );
+    }
+
+    #[test]
+    fn close_ends_subscriptions_and_refuses_new_ones() {
+        let hub = Hub::new(Duration::from_secs(60));
+        let sub = hub.subscribe("env").expect("open");
+        hub.close();
+        assert!(sub.has_changed().is_err());
+        assert!(hub.subscribe("env").is_none());
+        assert!(!hub.apply("env", update(1, 1)));
+    }
+}
