@@ -9,5 +9,6 @@ pub mod environment;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod server;
 pub mod sse;
 pub mod timestamp;

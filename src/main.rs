@@ -1,3 +1,53 @@
-fn main() {
-    println!("Hello, world!");
+//! The `flagsmith-sse` binary: read settings, start logging, serve until a signal.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use flagsmith_sse::config::Config;
+use flagsmith_sse::server::Server;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(config.log_level)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("flagsmith-sse: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::bind(&config).await?;
+        // Tests and scripts read this line to learn the port when LISTEN_ADDR has port 0.
+        eprintln!("flagsmith-sse listening on {}", server.local_addr()?);
+        server.serve(shutdown_signal()).await;
+        anyhow::Ok(())
+    })
+}
+
+/// SIGTERM (Kubernetes, systemd, docker stop) or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,271 @@
+//! The listener, TLS, connection serving and graceful shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::broker::{BrokerError, NatsBroker, NatsSettings, redact};
+use crate::config::{Config, ConfigError};
+use crate::http::{AppState, handle};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Reconnect storms arrive all at once; tokio's default backlog of 128 would drop SYNs.
+const LISTEN_BACKLOG: u32 = 4096;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// A bound, not yet serving, instance: tests and `main` learn the address before serving.
+pub struct Server {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    shutdown_timeout: Duration,
+}
+
+impl Server {
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
+        let token = config.token()?;
+        let addr = config.listen_addr()?;
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
+
+        let hub = Arc::new(Hub::new(config.nats_stream_max_age));
+        let metrics = Arc::new(Metrics::default());
+        let broker = NatsBroker::start(
+            NatsSettings {
+                url: config.nats_url.clone(),
+                stream: config.nats_stream.clone(),
+                max_age: config.nats_stream_max_age,
+                replicas: config.nats_stream_replicas,
+                timeout: config.nats_timeout,
+            },
+            hub.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let state = Arc::new(AppState::new(
+            hub,
+            broker,
+            metrics,
+            token,
+            config.keepalive_interval,
+            config.body_read_timeout,
+        ));
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(config.http2_max_concurrent_streams)
+            // Pings find dead peers behind NAT; SSE comments do the same for HTTP/1.1.
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+
+        info!(
+            listen = %listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?,
+            tls = tls.is_some(),
+            nats_url = %redact(&config.nats_url),
+            stream = %config.nats_stream,
+            max_age = ?config.nats_stream_max_age,
+            replicas = config.nats_stream_replicas,
+            keepalive = ?config.keepalive_interval,
+            "flagsmith-sse starting"
+        );
+        Ok(Self {
+            listener,
+            tls,
+            state,
+            builder: Arc::new(builder),
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: `/readyz` turns 503, the listener
+    /// closes, every stream ends (clients reconnect elsewhere), and connections get up to
+    /// the shutdown timeout to finish what they were doing.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Server {
+            listener,
+            tls,
+            state,
+            builder,
+            shutdown_timeout,
+        } = self;
+        let connections = TaskTracker::new();
+        let closing = CancellationToken::new();
+        let sweeper = tokio::spawn(sweep(state.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    accept_error(err).await;
+                    continue;
+                }
+            };
+            // Events are small and must leave at once; Nagle would hold them back.
+            let _ = tcp.set_nodelay(true);
+            let (state, builder, closing) = (state.clone(), builder.clone(), closing.clone());
+            match &tls {
+                None => connections.spawn(serve_connection(tcp, state, builder, closing)),
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    let handshake_timeout = Duration::from_secs(10);
+                    connections.spawn(async move {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => serve_connection(tls, state, builder, closing).await,
+                            Ok(Err(err)) => debug!(%peer, error = %err, "TLS handshake failed"),
+                            Err(_) => debug!(%peer, "TLS handshake timed out"),
+                        }
+                    })
+                }
+            };
+        }
+        info!("shutting down: not ready, closing the listener and ending streams");
+        state.begin_shutdown();
+        drop(listener);
+        sweeper.abort();
+        closing.cancel();
+        state.hub.close();
+        connections.close();
+        if tokio::time::timeout(shutdown_timeout, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = connections.len(),
+                "connections still open at the shutdown timeout; closing them"
+            );
+        }
+        info!("stopped");
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    state: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    closing: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| handle(state.clone(), request));
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        debug!(error = %err, "connection ended with an error");
+    }
+}
+
+/// Running out of file descriptors must neither kill the server nor spin the accept loop:
+/// wait a moment for connections to close.
+async fn accept_error(err: io::Error) {
+    match err.raw_os_error() {
+        Some(libc_emfile) if libc_emfile == 24 || libc_emfile == 23 => {
+            error!(error = %err, "out of file descriptors; pausing accepts");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        _ => debug!(error = %err, "accept failed"),
+    }
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Drops environments nobody listens to and nothing recent happened in.
+async fn sweep(state: Arc<AppState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        interval.tick().await;
+        let removed = state.hub.sweep(SystemTime::now());
+        if removed > 0 {
+            debug!(removed, held = state.hub.len(), "forgot idle environments");
+        }
+    }
+}
+
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, ServerError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            ServerError::Tls(format!("reading certificates from {}: {e}", cert.display()))
+        })?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(format!(
+            "no certificate in {}",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        ServerError::Tls(format!("reading private key from {}: {e}", key.display()))
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(format!("certificate and key: {e}")))?;
+    // Browsers speak HTTP/2 only over TLS, and only if we offer it here.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
