@@ -1,0 +1,466 @@
+//! Test harness: real `nats-server` processes and real `flagsmith-sse` processes.
+//!
+//! Every NATS server gets a random port (`-p -1`), a temporary store and a ports file to
+//! learn the port; every service listens on port 0 and prints its address. Nothing is
+//! shared between tests, so they run in parallel.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+pub const TOKEN: &str = "test-token";
+
+/// The `nats-server` binary: `$NATS_SERVER` if set (CI points it at each version we
+/// support), else the one on PATH or Debian's.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return path.into();
+    }
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/bin"])
+    {
+        let candidate = Path::new(dir).join("nats-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("nats-server not found: install Debian's nats-server or set NATS_SERVER");
+}
+
+pub struct Nats {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub port: u16,
+    extra_args: Vec<String>,
+}
+
+impl Nats {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `extra` are more nats-server arguments, e.g. `["--auth", "secret"]`.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut nats = Nats {
+            dir,
+            child: None,
+            port: 0,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        nats.spawn("-1");
+        nats
+    }
+
+    fn spawn(&mut self, port: &str) {
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("log file");
+        let child = Command::new(nats_server_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
+            .arg(self.dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server");
+        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file)
+                && let Ok(json) = serde_json::from_str::<serde_json::Value>(&text)
+                && let Some(url) = json["nats"][0].as_str()
+            {
+                self.port = url
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("port in ports file");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port = self.port.to_string();
+        self.spawn(&port);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct Service {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Service {
+    pub fn start(nats_url: &str) -> Self {
+        Self::start_with(nats_url, &[])
+    }
+
+    pub fn start_with(nats_url: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
+        command
+            .env_clear()
+            .env("NATS_URL", nats_url)
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("SSE_AUTHENTICATION_TOKEN", TOKEN)
+            .env("LOG_LEVEL", "debug")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start flagsmith-sse");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("flagsmith-sse listening on ") {
+                    let _ = addr_tx.send(addr.trim().to_owned());
+                }
+                let mut log = sink.lock().expect("log");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr.parse().expect("listen address"),
+            Err(_) => panic!("service did not start:\n{}", log.lock().expect("log")),
+        };
+        Service { child, addr, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `/readyz` says 200.
+    pub async fn wait_ready(&self) {
+        self.wait_readyz(200, Duration::from_secs(30)).await;
+    }
+
+    pub async fn wait_readyz(&self, want: u16, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(resp) = try_get(self.addr, "/readyz").await
+                && resp.status == want
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never said {want}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn publish(&self, key: &str, updated_at: &str) -> Resp {
+        let body = format!("{{\"updated_at\": {updated_at}}}");
+        post(
+            self.addr,
+            &format!("/sse/environments/{key}/queue-change"),
+            Some(TOKEN),
+            &body,
+        )
+        .await
+    }
+
+    pub async fn subscribe(&self, key: &str) -> Sse {
+        Sse::connect_h1(self.addr, key).await
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+pub async fn send_h1(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Resp, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Resp {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    })
+}
+
+pub async fn try_get(addr: SocketAddr, path: &str) -> Result<Resp, String> {
+    let request = Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::default())
+        .expect("request");
+    send_h1(addr, request).await
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Resp {
+    try_get(addr, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+pub async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> Resp {
+    let mut request = Request::post(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Token {token}"));
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
+    send_h1(addr, request)
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+/// One SSE subscriber. A background task reads the body and splits it into blocks (an
+/// event or a comment, each ended by a blank line).
+pub struct Sse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub version: http::Version,
+    blocks: mpsc::UnboundedReceiver<String>,
+    _keep: Box<dyn std::any::Any + Send>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Sse {
+    /// Closes the connection, as a client going away does.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Sse {
+    pub async fn connect_h1(addr: SocketAddr, key: &str) -> Sse {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::over_h1(stream, addr, key).await
+    }
+
+    pub async fn over_h1<I>(io: I, addr: SocketAddr, key: &str) -> Sse
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .expect("handshake");
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let request = stream_request(addr, key);
+        let response = sender.send_request(request).await.expect("stream request");
+        Self::from_response(response, Box::new(sender), conn)
+    }
+
+    pub async fn connect_h2c(addr: SocketAddr, key: &str) -> Sse {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::over_h2(stream, addr, key).await
+    }
+
+    pub async fn over_h2<I>(io: I, addr: SocketAddr, key: &str) -> Sse
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .expect("h2 handshake");
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let response = sender
+            .send_request(stream_request(addr, key))
+            .await
+            .expect("stream request");
+        Self::from_response(response, Box::new(sender), conn)
+    }
+
+    fn from_response(
+        response: http::Response<hyper::body::Incoming>,
+        keep: Box<dyn std::any::Any + Send>,
+        conn: tokio::task::JoinHandle<()>,
+    ) -> Sse {
+        let (parts, mut body) = response.into_parts();
+        let (tx, blocks) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            let mut buffer = String::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    buffer.push_str(&String::from_utf8_lossy(&data));
+                    while let Some(end) = buffer.find("\n\n") {
+                        let block: String = buffer.drain(..end + 2).collect();
+                        if tx.send(block).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Sse {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            version: parts.version,
+            blocks,
+            _keep: keep,
+            tasks: vec![reader, conn],
+        }
+    }
+
+    /// The next block (event or comment) within `within`, or `None` if the stream ended or
+    /// nothing came.
+    pub async fn next_block(&mut self, within: Duration) -> Option<String> {
+        tokio::time::timeout(within, self.blocks.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The `updated_at` of the next event, skipping keep-alive comments.
+    pub async fn next_update(&mut self, within: Duration) -> Option<f64> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let block = self.next_block(left).await?;
+            if block.starts_with(':') {
+                continue;
+            }
+            return Some(parse_event(&block));
+        }
+    }
+
+    /// Events (not comments) that arrive within `within`.
+    pub async fn updates_within(&mut self, within: Duration) -> Vec<f64> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        while let Some(update) = self
+            .next_update(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+        {
+            out.push(update);
+        }
+        out
+    }
+}
+
+fn stream_request(addr: SocketAddr, key: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{addr}/sse/environments/{key}/stream"))
+        .header("host", addr.to_string())
+        .header("accept", "text/event-stream")
+        .body(Full::default())
+        .expect("request")
+}
+
+/// Checks the exact wire shape of one event and returns its `updated_at`.
+pub fn parse_event(block: &str) -> f64 {
+    let rest = block
+        .strip_prefix("event: environment_updated\ndata: {\"updated_at\": ")
+        .unwrap_or_else(|| panic!("not an environment_updated event: {block:?}"));
+    let number = rest
+        .strip_suffix("}\n\n")
+        .unwrap_or_else(|| panic!("event does not end with }}\\n\\n: {block:?}"));
+    assert!(
+        number.contains('.'),
+        "updated_at without a decimal point: {block:?}"
+    );
+    number
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {block:?}"))
+}
+
+pub const SECOND: Duration = Duration::from_secs(1);
+
+impl Service {
+    /// Waits for the process to exit: `Some(success)`, or `None` if it is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<bool> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}

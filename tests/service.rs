@@ -1,0 +1,426 @@
+//! The service end to end: real NATS, real processes, real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const KEY: &str = "n9fbf9h3v4fFgH3U3ngWhb";
+
+#[tokio::test]
+async fn stream_has_the_spec_headers_and_sends_the_latest_on_connect() {
+    let nats = Nats::start();
+    let svc = Service::start(&nats.url());
+    svc.wait_ready().await;
+
+    let resp = svc
+        .publish(KEY, "\"2025-07-14T13:49:43.123456+00:00\"")
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(resp.json()["status"], "stored");
+
+    let mut sse = svc.subscribe(KEY).await;
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.headers["content-type"], "text/event-stream");
+    assert_eq!(sse.headers["cache-control"], "no-cache");
+    assert_eq!(sse.headers["x-accel-buffering"], "no");
+    assert_eq!(sse.headers["access-control-allow-origin"], "*");
+    assert!(sse.headers.get("content-encoding").is_none());
+    let block = sse.next_block(5 * SECOND).await.expect("latest on connect");
+    assert_eq!(
+        block,
+        "event: environment_updated\ndata: {\"updated_at\": 1752500983.123456}\n\n"
+    );
+
+    // A number is accepted as Unix seconds and always rendered with a decimal point.
+    assert_eq!(svc.publish(KEY, "1752500990").await.status, 200);
+    let block = sse.next_block(5 * SECOND).await.expect("update");
+    assert_eq!(
+        block,
+        "event: environment_updated\ndata: {\"updated_at\": 1752500990.0}\n\n"
+    );
+
+    // An environment with no known update sends nothing on connect.
+    let mut quiet = svc.subscribe("never_updated").await;
+    assert_eq!(quiet.status, 200);
+    assert_eq!(quiet.next_block(Duration::from_millis(500)).await, None);
+}
+
+#[tokio::test]
+async fn retries_and_out_of_order_posts_never_move_an_environment_backwards() {
+    let nats = Nats::start();
+    let a = Service::start(&nats.url());
+    let b = Service::start(&nats.url());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut on_a = a.subscribe(KEY).await;
+    let mut on_b = b.subscribe(KEY).await;
+
+    let first = a.publish(KEY, "100.5").await;
+    assert_eq!(first.json()["status"], "stored", "{}", first.body);
+    // The same POST retried: acknowledged, not stored twice.
+    let retry = a.publish(KEY, "100.5").await;
+    assert_eq!(retry.status, 200);
+    assert_ne!(retry.json()["status"], "stored", "{}", retry.body);
+    let newer = b.publish(KEY, "300.25").await;
+    assert_eq!(newer.json()["status"], "stored", "{}", newer.body);
+    // Older than what is stored, posted on the instance that did not store the newer one,
+    // straight away (its consumer may not have seen 300.25 yet).
+    let older = a.publish(KEY, "200").await;
+    assert_eq!(older.status, 200, "{}", older.body);
+    assert_eq!(older.json()["status"], "already_current", "{}", older.body);
+    assert_eq!(older.json()["updated_at"], 300.25);
+
+    for sse in [&mut on_a, &mut on_b] {
+        let got = sse.updates_within(2 * SECOND).await;
+        assert!(
+            got == [100.5, 300.25] || got == [300.25],
+            "subscriber saw {got:?}: must be increasing, end at 300.25"
+        );
+    }
+    // A new subscriber on either instance, and a new instance, get the newest.
+    let c = Service::start(&nats.url());
+    c.wait_ready().await;
+    for svc in [&a, &b, &c] {
+        let mut sse = svc.subscribe(KEY).await;
+        assert_eq!(sse.next_update(5 * SECOND).await, Some(300.25));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_posts_in_random_order_end_at_the_newest_everywhere() {
+    let nats = Nats::start();
+    let a = Service::start(&nats.url());
+    let b = Service::start(&nats.url());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut watcher = b.subscribe("race").await;
+    // 40 timestamps posted concurrently, alternating instances, in scrambled order.
+    let mut order: Vec<u64> = (1..=40).collect();
+    order.sort_by_key(|n| (n * 7919) % 41);
+    let posts = order.iter().map(|n| {
+        let svc = if n % 2 == 0 { &a } else { &b };
+        let value = format!("{n}.5");
+        async move { svc.publish("race", &value).await }
+    });
+    for resp in futures_util::future::join_all(posts).await {
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    let seen = watcher.updates_within(2 * SECOND).await;
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "not increasing: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&40.5), "{seen:?}");
+    for svc in [&a, &b] {
+        let mut sse = svc.subscribe("race").await;
+        assert_eq!(sse.next_update(5 * SECOND).await, Some(40.5));
+    }
+}
+
+#[tokio::test]
+async fn an_instance_started_after_a_publish_serves_the_latest_on_connect() {
+    let nats = Nats::start();
+    {
+        let first = Service::start(&nats.url());
+        first.wait_ready().await;
+        assert_eq!(first.publish("env_a", "10.0").await.status, 200);
+        assert_eq!(first.publish("env_b", "20.0").await.status, 200);
+        assert_eq!(first.publish("env_a", "11.0").await.status, 200);
+    }
+    let later = Service::start(&nats.url());
+    later.wait_ready().await;
+    let mut a = later.subscribe("env_a").await;
+    let mut b = later.subscribe("env_b").await;
+    assert_eq!(a.next_update(5 * SECOND).await, Some(11.0));
+    assert_eq!(b.next_update(5 * SECOND).await, Some(20.0));
+}
+
+#[tokio::test]
+async fn a_nats_restart_heals_without_subscribers_reconnecting() {
+    let mut nats = Nats::start();
+    let svc = Service::start(&nats.url());
+    svc.wait_ready().await;
+    let mut sse = svc.subscribe(KEY).await;
+    assert_eq!(svc.publish(KEY, "1.0").await.status, 200);
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(1.0));
+
+    nats.stop();
+    svc.wait_readyz(503, Duration::from_secs(15)).await;
+    let refused = svc.publish(KEY, "2.0").await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.headers["retry-after"], "1");
+
+    nats.restart();
+    svc.wait_ready().await;
+    // The first posts after recovery may race the reconnect; the task processor retries.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = svc.publish(KEY, "3.0").await;
+        if resp.status == 200 {
+            break;
+        }
+        assert_eq!(resp.status, 503, "{}", resp.body);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publish never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        sse.next_update(10 * SECOND).await,
+        Some(3.0),
+        "the subscriber that stayed connected gets the update:\n{}",
+        svc.log()
+    );
+    let mut fresh = svc.subscribe(KEY).await;
+    assert_eq!(fresh.next_update(5 * SECOND).await, Some(3.0));
+}
+
+#[tokio::test]
+async fn keepalive_comments_fill_the_silence() {
+    let nats = Nats::start();
+    let svc = Service::start_with(&nats.url(), &[("KEEPALIVE_INTERVAL", "300ms")]);
+    svc.wait_ready().await;
+    let mut sse = svc.subscribe("silent").await;
+    let block = sse.next_block(5 * SECOND).await.expect("keep-alive");
+    assert_eq!(block, ": keepalive\n\n");
+    let block = sse
+        .next_block(5 * SECOND)
+        .await
+        .expect("another keep-alive");
+    assert_eq!(block, ": keepalive\n\n");
+    let metrics = get(svc.addr, "/metricsz").await.body;
+    assert!(!metrics.contains("flagsmith_sse_http_writes_total{message=\"keepalive\"} 0"));
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_streams_on_the_same_port() {
+    let nats = Nats::start();
+    let svc = Service::start(&nats.url());
+    svc.wait_ready().await;
+    assert_eq!(svc.publish(KEY, "5.5").await.status, 200);
+    let mut sse = Sse::connect_h2c(svc.addr, KEY).await;
+    assert_eq!(sse.version, http::Version::HTTP_2);
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.headers["content-type"], "text/event-stream");
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(5.5));
+    assert_eq!(svc.publish(KEY, "6.5").await.status, 200);
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(6.5));
+}
+
+#[tokio::test]
+async fn tls_offers_h2_and_http11_by_alpn() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+
+    let nats = Nats::start();
+    let svc = Service::start_with(
+        &nats.url(),
+        &[
+            ("TLS_CERT_FILE", cert_path.to_str().expect("utf-8")),
+            ("TLS_KEY_FILE", key_path.to_str().expect("utf-8")),
+        ],
+    );
+    // Publish and probe through TLS too: plain HTTP must not be served on a TLS port.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let connector = |alpn: &[&[u8]]| {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    assert!(
+        try_get(svc.addr, "/livez").await.is_err(),
+        "plain HTTP answered on the TLS port"
+    );
+
+    // HTTP/2 negotiated by ALPN, as browsers do.
+    let tcp = tokio::net::TcpStream::connect(svc.addr)
+        .await
+        .expect("connect");
+    let tls = connector(&[b"h2", b"http/1.1"])
+        .connect(name.clone(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut h2 = Sse::over_h2(tls, svc.addr, KEY).await;
+    assert_eq!(h2.status, 200);
+    assert_eq!(h2.version, http::Version::HTTP_2);
+    // And HTTP/1.1 for clients that offer only that.
+    let tcp = tokio::net::TcpStream::connect(svc.addr)
+        .await
+        .expect("connect");
+    let tls = connector(&[b"http/1.1"])
+        .connect(name.clone(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut h1 = Sse::over_h1(tls, svc.addr, KEY).await;
+    assert_eq!(h1.status, 200);
+    assert_eq!(h1.version, http::Version::HTTP_11);
+
+    // Publish over TLS once NATS is ready.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tcp = tokio::net::TcpStream::connect(svc.addr)
+            .await
+            .expect("connect");
+        let tls = connector(&[b"http/1.1"])
+            .connect(name.clone(), tcp)
+            .await
+            .expect("TLS");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let request = hyper::Request::post(format!("/sse/environments/{KEY}/queue-change"))
+            .header("host", "localhost")
+            .header("authorization", format!("Token {TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"{\"updated_at\": 7.25}",
+            )))
+            .expect("request");
+        let status = sender
+            .send_request(request)
+            .await
+            .expect("response")
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publish over TLS kept failing: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(h2.next_update(5 * SECOND).await, Some(7.25));
+    assert_eq!(h1.next_update(5 * SECOND).await, Some(7.25));
+}
+
+#[tokio::test]
+async fn metrics_count_subscribers_and_writes() {
+    let nats = Nats::start();
+    let svc = Service::start(&nats.url());
+    svc.wait_ready().await;
+    let mut one = svc.subscribe(KEY).await;
+    let mut two = svc.subscribe(KEY).await;
+    assert_eq!(svc.publish(KEY, "1.5").await.status, 200);
+    assert_eq!(one.next_update(5 * SECOND).await, Some(1.5));
+    assert_eq!(two.next_update(5 * SECOND).await, Some(1.5));
+    let metrics = get(svc.addr, "/metricsz").await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.headers["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
+    let value = |name: &str| -> f64 {
+        metrics
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name} missing:\n{}", metrics.body))
+            .parse()
+            .expect("number")
+    };
+    assert_eq!(value("flagsmith_sse_subscribers"), 2.0);
+    assert_eq!(value("flagsmith_sse_subscribers_total"), 2.0);
+    assert_eq!(
+        value("flagsmith_sse_http_writes_total{message=\"data\"}"),
+        2.0
+    );
+    assert!(value("flagsmith_sse_http_writes_total{message=\"healthcheck\"}") >= 1.0);
+    assert_eq!(
+        value("flagsmith_sse_http_errors_total{message=\"data\"}"),
+        0.0
+    );
+    assert_eq!(
+        value("flagsmith_sse_nats_errors_total{operation=\"publish\"}"),
+        0.0
+    );
+    drop(one);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let body = get(svc.addr, "/metricsz").await.body;
+        if body.lines().any(|l| l == "flagsmith_sse_subscribers 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gauge did not drop:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn nats_credentials_in_the_url_are_used() {
+    let token_nats = Nats::start_with(&["--auth", "n4ts-t0ken"]);
+    let svc = Service::start(&format!("nats://n4ts-t0ken@127.0.0.1:{}", token_nats.port));
+    svc.wait_ready().await;
+    assert_eq!(svc.publish(KEY, "1.0").await.status, 200);
+    assert!(
+        !svc.log().contains("n4ts-t0ken"),
+        "the token leaked into the log"
+    );
+
+    let user_nats = Nats::start_with(&["--user", "flag", "--pass", "p4ss"]);
+    let svc = Service::start(&format!(
+        "nats://127.0.0.1:1,nats://flag:p4ss@127.0.0.1:{}",
+        user_nats.port
+    ));
+    svc.wait_ready().await;
+    assert_eq!(svc.publish(KEY, "1.0").await.status, 200);
+    assert!(
+        !svc.log().contains("p4ss"),
+        "the password leaked into the log"
+    );
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_a_token() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"))
+        .env_clear()
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("SSE_AUTHENTICATION_TOKEN"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_and_exits() {
+    let nats = Nats::start();
+    let mut svc = Service::start(&nats.url());
+    svc.wait_ready().await;
+    let mut sse = svc.subscribe(KEY).await;
+    let pid = svc.pid().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    // The stream ends (the reader sees the end of the body), and the process exits.
+    assert_eq!(sse.next_block(10 * SECOND).await, None);
+    let exited = svc.wait_exit(Duration::from_secs(15));
+    assert_eq!(exited, Some(true), "did not exit cleanly:\n{}", svc.log());
+}
