@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use crate::broker::{Broker, PublishError, Published};
 use crate::environment::{KeyError, validate_key};
 use crate::hub::Hub;
-use crate::metrics::{Gauges, Message, Metrics};
+use crate::metrics::{Gauges, LastWrite, Message, Metrics};
 use crate::sse::event_stream;
 use crate::timestamp::{Timestamp, TimestampError};
 
@@ -231,7 +231,11 @@ where
     let method = request.method();
     let is_get = method == Method::GET || method == Method::HEAD;
     match route(request.uri().path()).ok_or(ApiError::NotFound)? {
-        Route::Stream(key) if is_get => stream(state, key),
+        Route::Stream(key) if is_get => stream(
+            state,
+            key,
+            request.extensions().get::<Arc<LastWrite>>().cloned(),
+        ),
         Route::QueueChange(key) if method == Method::POST => {
             let key = key.to_owned();
             queue_change(state, &key, request).await
@@ -294,10 +298,14 @@ fn metrics(state: &AppState) -> Response<Body> {
     )
 }
 
-fn stream(state: &Arc<AppState>, key: &str) -> Result<Response<Body>, ApiError> {
+fn stream(
+    state: &Arc<AppState>,
+    key: &str,
+    last_write: Option<Arc<LastWrite>>,
+) -> Result<Response<Body>, ApiError> {
     let key = validate_key(key)?;
     let subscription = state.hub.subscribe(key).ok_or(ApiError::ShuttingDown)?;
-    let body = StreamBody::new(event_stream(state.clone(), subscription));
+    let body = StreamBody::new(event_stream(state.clone(), subscription, last_write));
     let mut response = Response::new(BodyExt::boxed_unsync(body));
     let headers = response.headers_mut();
     // OkHttp (Android) rejects any other content type.

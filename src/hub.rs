@@ -8,7 +8,7 @@
 //! `Bytes` (a reference count), so an update is encoded once whatever the audience.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -82,9 +82,13 @@ pub struct Hub {
     retention: Duration,
 }
 
+/// One environment's channel. Shared out of the map so that waking its subscribers (which
+/// can be hundreds of thousands) happens without holding the map's lock.
+type Slot = Arc<watch::Sender<Latest>>;
+
 #[derive(Debug, Default)]
 struct Inner {
-    environments: HashMap<Box<str>, watch::Sender<Latest>>,
+    environments: HashMap<Box<str>, Slot>,
     closed: bool,
 }
 
@@ -117,7 +121,7 @@ impl Hub {
             return Some(sender.subscribe());
         }
         let (sender, receiver) = watch::channel(Latest::default());
-        inner.environments.insert(key.into(), sender);
+        inner.environments.insert(key.into(), Arc::new(sender));
         Some(receiver)
     }
 
@@ -125,24 +129,31 @@ impl Hub {
     /// environment's subscribers. Returns whether it moved the environment forward: an equal
     /// or older timestamp (a retry, or a delivery out of order) never moves it back.
     pub fn apply(&self, key: &str, update: Update) -> bool {
-        let mut inner = self.lock();
-        if inner.closed {
-            return false;
-        }
-        if let Some(sender) = inner.environments.get(key) {
-            return sender.send_if_modified(|latest| {
-                let newer = latest
-                    .update
-                    .is_none_or(|current| update.timestamp > current.timestamp);
-                if newer {
-                    *latest = Latest::new(update);
+        let slot = {
+            let mut inner = self.lock();
+            if inner.closed {
+                return false;
+            }
+            match inner.environments.get(key) {
+                Some(slot) => slot.clone(),
+                None => {
+                    let (sender, _) = watch::channel(Latest::new(update));
+                    inner.environments.insert(key.into(), Arc::new(sender));
+                    return true;
                 }
-                newer
-            });
-        }
-        let (sender, _) = watch::channel(Latest::new(update));
-        inner.environments.insert(key.into(), sender);
-        true
+            }
+        };
+        // `sweep` leaves a slot alone while we hold this clone, so the update cannot land in
+        // a channel that was just dropped from the map.
+        slot.send_if_modified(|latest| {
+            let newer = latest
+                .update
+                .is_none_or(|current| update.timestamp > current.timestamp);
+            if newer {
+                *latest = Latest::new(update);
+            }
+            newer
+        })
     }
 
     /// The newest update the hub holds for `key`, fresh or not.
@@ -159,9 +170,10 @@ impl Hub {
         let mut inner = self.lock();
         let before = inner.environments.len();
         let retention = self.retention;
-        inner.environments.retain(|_, sender| {
-            sender.receiver_count() > 0
-                || sender
+        inner.environments.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || slot.receiver_count() > 0
+                || slot
                     .borrow()
                     .update
                     .is_some_and(|u| is_fresh(u.stored_at, now, retention))

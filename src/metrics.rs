@@ -4,7 +4,7 @@
 //! dashboards work unchanged.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
 
 /// What was written to a client, the `message` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +23,28 @@ impl Message {
             Message::Data => "data",
             Message::Healthcheck => "healthcheck",
         }
+    }
+}
+
+/// The kind of the last message a connection's stream wrote. hyper reports a failed write
+/// only as the connection ending with an error, so the connection keeps this to know which
+/// `message` label the failure belongs to.
+#[derive(Debug, Default)]
+pub struct LastWrite(AtomicU8);
+
+impl LastWrite {
+    const NONE: u8 = u8::MAX;
+
+    pub fn new() -> Self {
+        Self(AtomicU8::new(Self::NONE))
+    }
+
+    pub fn record(&self, message: Message) {
+        self.0.store(message as u8, Relaxed);
+    }
+
+    pub fn get(&self) -> Option<Message> {
+        Message::ALL.get(usize::from(self.0.load(Relaxed))).copied()
     }
 }
 

@@ -22,7 +22,7 @@ use crate::broker::{BrokerError, NatsBroker, NatsSettings, redact};
 use crate::config::{Config, ConfigError};
 use crate::http::{AppState, handle};
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::metrics::{LastWrite, Metrics};
 
 /// Reconnect storms arrive all at once; tokio's default backlog of 128 would drop SYNs.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -191,7 +191,15 @@ async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |request| handle(state.clone(), request));
+    let last_write = Arc::new(LastWrite::new());
+    let metrics = state.metrics.clone();
+    let service = {
+        let last_write = last_write.clone();
+        service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(last_write.clone());
+            handle(state.clone(), request)
+        })
+    };
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
@@ -202,7 +210,16 @@ async fn serve_connection<I>(
         }
     };
     if let Err(err) = result {
-        debug!(error = %err, "connection ended with an error");
+        // A client that hangs up mid-stream is how SSE ends, not a failed write: hyper
+        // reports it as an incomplete message. Anything else (reset, broken pipe, timeout)
+        // lost a write.
+        let hung_up = err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_incomplete_message() || e.is_canceled());
+        debug!(error = %err, hung_up, last_write = ?last_write.get(), "connection ended with an error");
+        if !hung_up && let Some(message) = last_write.get() {
+            metrics.http_error(message);
+        }
     }
 }
 

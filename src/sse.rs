@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::http::AppState;
 use crate::hub::Subscription;
-use crate::metrics::Message;
+use crate::metrics::{LastWrite, Message};
 use crate::timestamp::Timestamp;
 
 /// A comment line: SSE parsers ignore it, proxies and NAT gateways see traffic. The blank
@@ -24,6 +24,17 @@ struct Subscriber {
     /// The newest timestamp this stream has sent; nothing older or equal is sent again.
     seen: Option<Timestamp>,
     state: Arc<AppState>,
+    /// The connection's record of what it last wrote, to label a failed write.
+    last_write: Option<Arc<LastWrite>>,
+}
+
+impl Subscriber {
+    fn wrote(&self, message: Message) {
+        self.state.metrics.http_write(message);
+        if let Some(last) = &self.last_write {
+            last.record(message);
+        }
+    }
 }
 
 impl Drop for Subscriber {
@@ -37,12 +48,14 @@ impl Drop for Subscriber {
 pub fn event_stream(
     state: Arc<AppState>,
     subscription: Subscription,
+    last_write: Option<Arc<LastWrite>>,
 ) -> impl Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
     state.metrics.subscriber_connected();
     let subscriber = Subscriber {
         subscription,
         seen: None,
         state,
+        last_write,
     };
     futures_util::stream::unfold(subscriber, |mut sub| async move {
         // Every call follows a write (or the connect), so the silence starts now.
@@ -56,7 +69,7 @@ pub fn event_stream(
             };
             if let Some((timestamp, event)) = newer {
                 sub.seen = Some(timestamp);
-                sub.state.metrics.http_write(Message::Data);
+                sub.wrote(Message::Data);
                 return Some((Ok(Frame::data(event)), sub));
             }
             tokio::select! {
@@ -66,7 +79,7 @@ pub fn event_stream(
                     }
                 }
                 () = tokio::time::sleep_until(keepalive_at) => {
-                    sub.state.metrics.http_write(Message::Keepalive);
+                    sub.wrote(Message::Keepalive);
                     return Some((Ok(Frame::data(KEEPALIVE)), sub));
                 }
             }

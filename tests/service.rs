@@ -424,3 +424,143 @@ async fn sigterm_ends_streams_and_exits() {
     let exited = svc.wait_exit(Duration::from_secs(15));
     assert_eq!(exited, Some(true), "did not exit cleanly:\n{}", svc.log());
 }
+
+#[tokio::test]
+async fn failed_writes_are_counted_but_clients_hanging_up_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = Nats::start();
+    let svc = Service::start_with(&nats.url(), &[("KEEPALIVE_INTERVAL", "100ms")]);
+    svc.wait_ready().await;
+    let errors = |body: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix("flagsmith_sse_http_errors_total{message=\"keepalive\"} "))
+            .and_then(|v| v.parse().ok())
+            .expect("keepalive error counter")
+    };
+    let open = |addr| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(b"GET /sse/environments/k/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("request");
+        let mut buf = [0u8; 4096];
+        let mut seen = String::new();
+        while !seen.contains(": keepalive") {
+            let n = tcp.read(&mut buf).await.expect("read");
+            assert!(n > 0, "stream ended early");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        tcp
+    };
+    // A clean close (FIN) is how SSE clients leave.
+    drop(open(svc.addr).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(errors(&get(svc.addr, "/metricsz").await.body), 0);
+    // A reset loses what was in flight.
+    let tcp = open(svc.addr).await;
+    tcp.set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(tcp);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while errors(&get(svc.addr, "/metricsz").await.body) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reset not counted:\n{}",
+            svc.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn bad_input_over_a_real_socket_is_refused_and_publishes_nothing() {
+    let nats = Nats::start();
+    let svc = Service::start(&nats.url());
+    svc.wait_ready().await;
+    let mut watcher = svc.subscribe(KEY).await;
+    let path = format!("/sse/environments/{KEY}/queue-change");
+    let big = format!(
+        "{{\"updated_at\": 1, \"pad\": \"{}\"}}",
+        "x".repeat(100_000)
+    );
+    for (token, body, want) in [
+        (None, "{\"updated_at\": 1.0}", 401),
+        (Some("nope"), "{\"updated_at\": 1.0}", 401),
+        (Some(TOKEN), "{\"updated_at\": ", 400),
+        (Some(TOKEN), "{\"updated\": 1.0}", 400),
+        (
+            Some(TOKEN),
+            "{\"updated_at\": \"2025-02-30T00:00:00Z\"}",
+            400,
+        ),
+        (Some(TOKEN), big.as_str(), 413),
+    ] {
+        let resp = post(svc.addr, &path, token, body).await;
+        assert_eq!(resp.status, want, "{}", resp.body);
+        assert!(resp.json()["message"].is_string(), "{}", resp.body);
+    }
+    for key in ["a.b", "a*", "%3E", "a%20b", "caf%C3%A9"] {
+        let resp = post(
+            svc.addr,
+            &format!("/sse/environments/{key}/queue-change"),
+            Some(TOKEN),
+            "{\"updated_at\": 1.0}",
+        )
+        .await;
+        assert_eq!(resp.status, 400, "{key}: {}", resp.body);
+        assert_eq!(
+            get(svc.addr, &format!("/sse/environments/{key}/stream"))
+                .await
+                .status,
+            400,
+            "{key}"
+        );
+    }
+    assert_eq!(watcher.next_update(Duration::from_millis(500)).await, None);
+    let metrics = get(svc.addr, "/metricsz").await.body;
+    assert!(
+        metrics.contains("flagsmith_sse_environments 1\n"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn help_lists_every_setting_in_the_readme() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"))
+        .arg("--help")
+        .env_clear()
+        .output()
+        .expect("run --help");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let documented: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|name| {
+            name.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .collect();
+    assert!(
+        documented.len() >= 10,
+        "README table not found: {documented:?}"
+    );
+    for name in &documented {
+        assert!(
+            help.contains(&format!("[env: {name}")),
+            "{name} documented but not in --help"
+        );
+    }
+    for line in help.lines().filter(|l| l.contains("[env: ")) {
+        let name = line
+            .split("[env: ")
+            .nth(1)
+            .and_then(|r| r.split(['=', ']']).next())
+            .expect("env name");
+        assert!(
+            documented.contains(&name),
+            "{name} in --help but not in README"
+        );
+    }
+}
