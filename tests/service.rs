@@ -457,7 +457,7 @@ async fn failed_writes_are_counted_but_clients_hanging_up_are_not() {
     assert_eq!(errors(&get(svc.addr, "/metricsz").await.body), 0);
     // A reset loses what was in flight.
     let tcp = open(svc.addr).await;
-    tcp.set_linger(Some(Duration::ZERO)).expect("linger");
+    tcp.set_zero_linger().expect("linger");
     drop(tcp);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while errors(&get(svc.addr, "/metricsz").await.body) == 0 {
