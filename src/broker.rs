@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer::push, context::PublishErrorKind, stream};
@@ -18,6 +19,7 @@ use async_nats::{ConnectOptions, Event, ServerAddr};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use thiserror::Error;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::environment::validate_key;
@@ -97,6 +99,15 @@ pub struct NatsBroker {
     metrics: Arc<Metrics>,
     /// The consumer has delivered everything the stream held when it was created.
     caught_up: AtomicBool,
+    /// Poked when the stream may have changed under us: a reconnect (the server may have
+    /// come back with an empty store), a stream advisory, a publish that found no stream.
+    stream_check: Arc<Notify>,
+    /// Tells the running consumer to start over on the current stream.
+    restart_consumer: Notify,
+    /// Creation time of the stream the running consumer reads. A stream created anew starts
+    /// its sequences at 1 again, where an ordered consumer resuming at its old sequence
+    /// would silently skip every new message.
+    consumed_stream: Mutex<Option<SystemTime>>,
 }
 
 impl NatsBroker {
@@ -110,6 +121,8 @@ impl NatsBroker {
     ) -> Result<Arc<Self>, BrokerError> {
         let (servers, options) = connect_options(&settings.url)?;
         let event_metrics = metrics.clone();
+        let stream_check = Arc::new(Notify::new());
+        let reconnected = stream_check.clone();
         let options = options
             .name("flagsmith-sse")
             .retry_on_initial_connect()
@@ -117,6 +130,9 @@ impl NatsBroker {
             .connection_timeout(Duration::from_secs(2))
             .ping_interval(Duration::from_secs(10))
             .event_callback(move |event| {
+                if matches!(event, Event::Connected) {
+                    reconnected.notify_one();
+                }
                 let metrics = event_metrics.clone();
                 async move { log_event(&metrics, event) }
             });
@@ -135,8 +151,12 @@ impl NatsBroker {
             hub,
             metrics,
             caught_up: AtomicBool::new(false),
+            stream_check,
+            restart_consumer: Notify::new(),
+            consumed_stream: Mutex::new(None),
         });
         tokio::spawn(broker.clone().run_consumer());
+        tokio::spawn(broker.clone().watch_stream());
         Ok(broker)
     }
 
@@ -199,8 +219,56 @@ impl NatsBroker {
         Ok(stream)
     }
 
+    /// Recreates the stream if it is gone, and restarts the consumer if the stream is not
+    /// the one it reads, whenever something suggests the stream changed.
+    async fn watch_stream(self: Arc<Self>) {
+        let subject = format!("$JS.EVENT.ADVISORY.STREAM.*.{}", self.settings.stream);
+        let mut advisories = loop {
+            match self.client.subscribe(subject.clone()).await {
+                Ok(subscriber) => break subscriber,
+                Err(err) => {
+                    warn!(error = %err, "cannot subscribe to stream advisories; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = advisories.next() => {}
+                () = self.stream_check.notified() => {}
+            }
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match self.ensure_stream().await {
+                    Ok(stream) => {
+                        let created = SystemTime::from(stream.cached_info().created);
+                        let consumed = *self
+                            .consumed_stream
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        if consumed.is_some_and(|c| c != created) {
+                            warn!(stream = %self.settings.stream, "stream was created anew; restarting the consumer");
+                            self.restart_consumer.notify_one();
+                        }
+                        break;
+                    }
+                    Err(err) => {
+                        debug!(error = %err, "stream check failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
     async fn consume(&self) -> Result<(), String> {
         let stream = self.ensure_stream().await?;
+        *self
+            .consumed_stream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            Some(SystemTime::from(stream.cached_info().created));
         let consumer = stream
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
@@ -222,7 +290,17 @@ impl NatsBroker {
             self.mark_caught_up();
         }
         info!(stream = %self.settings.stream, pending, "NATS consumer running");
-        while let Some(item) = messages.next().await {
+        loop {
+            let item = tokio::select! {
+                item = messages.next() => item,
+                () = self.restart_consumer.notified() => {
+                    self.caught_up.store(false, Ordering::Relaxed);
+                    return Ok(());
+                }
+            };
+            let Some(item) = item else {
+                return Ok(());
+            };
             match item {
                 Ok(message) => self.receive(&message),
                 Err(err) => {
@@ -234,7 +312,6 @@ impl NatsBroker {
                 }
             }
         }
-        Ok(())
     }
 
     fn mark_caught_up(&self) {
@@ -351,6 +428,17 @@ impl NatsBroker {
                     return Ok(Published::Stored {
                         sequence: ack.sequence,
                     });
+                }
+                Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
+                    // NATS came back without our stream (its store was lost, or someone
+                    // deleted it): create it again and let the consumer follow.
+                    warn!(stream = %self.settings.stream, "stream missing; creating it again");
+                    self.ensure_stream().await.map_err(|e| {
+                        self.metrics.nats_error(NatsOp::Publish);
+                        PublishError::NotAcknowledged(e)
+                    })?;
+                    self.stream_check.notify_one();
+                    stored = None;
                 }
                 Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
                     stored = self.stored(&subject).await.inspect_err(|_| {

@@ -564,3 +564,47 @@ fn help_lists_every_setting_in_the_readme() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_nats_that_lost_its_store_is_repopulated_and_nothing_is_missed() {
+    let mut nats = Nats::start();
+    let a = Service::start(&nats.url());
+    let b = Service::start(&nats.url());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    // Enough updates that the old stream's sequence is well ahead of the new one's.
+    for n in 1..=20 {
+        assert_eq!(
+            a.publish(&format!("env{n}"), &format!("{n}.5"))
+                .await
+                .status,
+            200
+        );
+    }
+    let mut on_b = b.subscribe("fresh").await;
+
+    nats.restart_empty();
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = a.publish("fresh", "100.5").await;
+        if resp.status == 200 {
+            assert_eq!(resp.json()["status"], "stored", "{}", resp.body);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never stored: {}\n{}",
+            resp.body,
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        on_b.next_update(10 * SECOND).await,
+        Some(100.5),
+        "instance b missed an update stored after NATS lost its stream:\n{}",
+        b.log()
+    );
+}

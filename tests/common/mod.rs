@@ -121,6 +121,15 @@ impl Nats {
         }
     }
 
+    /// Starts it again on the same port with an empty store, as a server whose disk was
+    /// lost comes back.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.path().join("store"));
+        let port = self.port.to_string();
+        self.spawn(&port);
+    }
+
     /// Starts it again on the same port with the same store.
     pub fn restart(&mut self) {
         self.stop();
