@@ -1,0 +1,338 @@
+//! A worker process: holds its share of subscribers, reports when they are connected and
+//! how many events arrived, and on `finish` sends its histograms to the coordinator.
+//!
+//! Workers exist because one process may hold at most 20,000 open files here; each takes a
+//! slice of the subscribers and its own source addresses, so ephemeral ports never run out.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpSocket;
+
+use crate::hist::Histogram;
+use crate::wire::{Chunked, Events};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub addr: SocketAddr,
+    #[arg(long)]
+    pub h2: bool,
+    /// Index of this worker's first subscriber among all of them.
+    #[arg(long)]
+    pub first: usize,
+    #[arg(long)]
+    pub subscribers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub streams_per_connection: usize,
+    #[arg(long, value_delimiter = ',')]
+    pub source_ips: Vec<IpAddr>,
+    /// Environment names; subscriber i listens to envs[i % len].
+    #[arg(long, value_delimiter = ',')]
+    pub envs: Vec<String>,
+    /// Events for timestamps older than this (Unix µs) are from earlier runs: ignored.
+    #[arg(long)]
+    pub since_micros: i64,
+    /// Connect with at most this many handshakes in flight (0: all at once, a storm).
+    #[arg(long, default_value_t = 512)]
+    pub connect_concurrency: usize,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct WorkerReport {
+    /// Per update timestamp (µs): delivery latency histogram in µs.
+    pub per_update: HashMap<i64, Histogram>,
+    /// Time from `since_micros` to each subscriber's first counted event, in µs.
+    pub first_event: Histogram,
+    pub connected: usize,
+    pub failed: usize,
+    pub ended: usize,
+    pub keepalives: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    report: WorkerReport,
+    events: u64,
+}
+
+pub fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl Shared {
+    fn record(&mut self, updated_at: i64, received: i64, since: i64, first: &mut bool) {
+        if updated_at < since {
+            return;
+        }
+        let latency = (received - updated_at).max(0) as u64;
+        self.report
+            .per_update
+            .entry(updated_at)
+            .or_default()
+            .record(latency);
+        self.events += 1;
+        if *first {
+            *first = false;
+            self.report
+                .first_event
+                .record((received - since).max(0) as u64);
+        }
+    }
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, work(args))
+}
+
+async fn work(args: WorkerArgs) -> anyhow::Result<()> {
+    let shared = Rc::new(RefCell::new(Shared::default()));
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        if args.connect_concurrency == 0 {
+            tokio::sync::Semaphore::MAX_PERMITS
+        } else {
+            args.connect_concurrency
+        },
+    ));
+    let connections = args
+        .subscribers
+        .div_ceil(args.streams_per_connection.max(1));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    for c in 0..connections {
+        let source = args.source_ips[c % args.source_ips.len()];
+        let first = args.first + c * args.streams_per_connection;
+        let count = args
+            .streams_per_connection
+            .min(args.first + args.subscribers - first);
+        let (args, shared, permits, done) = (
+            args.clone(),
+            shared.clone(),
+            permits.clone(),
+            done_tx.clone(),
+        );
+        tokio::task::spawn_local(async move {
+            let permit = permits.acquire_owned().await;
+            let result = if args.h2 {
+                h2_connection(&args, source, first, count, &shared, permit, &done).await
+            } else {
+                h1_subscriber(&args, source, first, &shared, permit, &done).await
+            };
+            if let Err(err) = result {
+                let mut s = shared.borrow_mut();
+                if s.report.failed < 3 {
+                    eprintln!("worker: subscriber {first}: {err}");
+                }
+                s.report.failed += count;
+                let _ = done.send(count);
+            }
+        });
+    }
+    drop(done_tx);
+    // Wait until every subscriber connected or failed, then say so.
+    let mut settled = 0;
+    while settled < args.subscribers {
+        match done_rx.recv().await {
+            Some(n) => settled += n,
+            None => break,
+        }
+    }
+    {
+        let s = shared.borrow();
+        println!("connected {} {}", s.report.connected, s.report.failed);
+    }
+    let _ = std::io::stdout().flush();
+    // Report progress until told to finish.
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut last = u64::MAX;
+    loop {
+        tokio::select! {
+            line = stdin.next_line() => {
+                match line {
+                    Ok(Some(l)) if l.trim() == "finish" => break,
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            _ = tick.tick() => {
+                let events = shared.borrow().events;
+                if events != last {
+                    last = events;
+                    println!("progress {events}");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        }
+    }
+    let mut s = shared.borrow_mut();
+    for hist in s.report.per_update.values_mut() {
+        hist.pack();
+    }
+    s.report.first_event.pack();
+    println!("result {}", serde_json::to_string(&s.report)?);
+    let _ = std::io::stdout().flush();
+    std::process::exit(0);
+}
+
+fn env_of(args: &WorkerArgs, index: usize) -> &str {
+    &args.envs[index % args.envs.len()]
+}
+
+async fn h1_subscriber(
+    args: &WorkerArgs,
+    source: IpAddr,
+    index: usize,
+    shared: &Rc<RefCell<Shared>>,
+    permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+    done: &tokio::sync::mpsc::UnboundedSender<usize>,
+) -> anyhow::Result<()> {
+    let socket = if source.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    let mut tcp = socket.connect(args.addr).await?;
+    tcp.set_nodelay(true)?;
+    let request = format!(
+        "GET /sse/environments/{}/stream HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        env_of(args, index),
+        args.addr
+    );
+    tcp.write_all(request.as_bytes()).await?;
+    let mut buf = [0u8; 2048];
+    let mut head = Vec::new();
+    let body_start = loop {
+        let n = tcp.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "closed before the response headers");
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        anyhow::ensure!(head.len() < 16384, "response headers too long");
+    };
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "status: {}",
+        String::from_utf8_lossy(&head[..head.len().min(40)])
+    );
+    drop(permit);
+    shared.borrow_mut().report.connected += 1;
+    let _ = done.send(1);
+    let mut chunked = Chunked::default();
+    let mut events = Events::default();
+    let mut first = true;
+    let since = args.since_micros;
+    let rest = head.split_off(body_start);
+    drop(head);
+    let mut feed = |bytes: &[u8], first: &mut bool| {
+        let received = now_micros();
+        let mut s = shared.borrow_mut();
+        chunked.feed(bytes, |data| {
+            events.feed(data, |updated_at| {
+                s.record(updated_at, received, since, first)
+            });
+        })
+    };
+    let mut open = feed(&rest, &mut first);
+    while open {
+        // Connected subscribers are not failures; a read error just ends this one.
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => open = feed(&buf[..n], &mut first),
+        }
+    }
+    let mut s = shared.borrow_mut();
+    s.report.ended += 1;
+    s.report.keepalives += events.keepalives;
+    Ok(())
+}
+
+async fn h2_connection(
+    args: &WorkerArgs,
+    source: IpAddr,
+    first_index: usize,
+    streams: usize,
+    shared: &Rc<RefCell<Shared>>,
+    permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+    done: &tokio::sync::mpsc::UnboundedSender<usize>,
+) -> anyhow::Result<()> {
+    let socket = if source.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    let tcp = socket.connect(args.addr).await?;
+    tcp.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(64 * 1024)
+        .max_concurrent_reset_streams(0)
+        .handshake(TokioIo::new(tcp))
+        .await?;
+    tokio::task::spawn_local(async move {
+        let _ = connection.await;
+    });
+    drop(permit);
+    for i in 0..streams {
+        let index = first_index + i;
+        let mut sender = sender.clone();
+        let request = hyper::Request::get(format!(
+            "http://{}/sse/environments/{}/stream",
+            args.addr,
+            env_of(args, index)
+        ))
+        .body(Empty::<Bytes>::new())?;
+        let (shared, done, since) = (shared.clone(), done.clone(), args.since_micros);
+        tokio::task::spawn_local(async move {
+            let result: anyhow::Result<()> = async {
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                anyhow::ensure!(response.status() == 200, "status {}", response.status());
+                shared.borrow_mut().report.connected += 1;
+                let _ = done.send(1);
+                let mut body = response.into_body();
+                let mut events = Events::default();
+                let mut first = true;
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Ok(data) = frame.into_data() {
+                        let received = now_micros();
+                        let mut s = shared.borrow_mut();
+                        events.feed(&data, |updated_at| {
+                            s.record(updated_at, received, since, &mut first)
+                        });
+                    }
+                }
+                let mut s = shared.borrow_mut();
+                s.report.ended += 1;
+                s.report.keepalives += events.keepalives;
+                Ok(())
+            }
+            .await;
+            if let Err(err) = result {
+                let mut s = shared.borrow_mut();
+                if s.report.failed < 3 {
+                    eprintln!("worker: stream {index}: {err}");
+                }
+                s.report.failed += 1;
+                let _ = done.send(1);
+            }
+        });
+    }
+    Ok(())
+}
