@@ -73,6 +73,10 @@ pub struct Config {
     #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_read_timeout: Duration,
 
+    /// Drop a subscriber whose socket stays full (it stopped reading) for this long.
+    #[arg(long, env = "STREAM_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub stream_write_timeout: Duration,
+
     /// On SIGTERM or SIGINT, wait at most this long for connections to finish.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,

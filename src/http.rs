@@ -19,7 +19,7 @@ use crate::broker::{Broker, PublishError, Published};
 use crate::environment::{KeyError, validate_key};
 use crate::hub::Hub;
 use crate::metrics::{Gauges, LastWrite, Message, Metrics};
-use crate::sse::event_stream;
+use crate::sse::{Subscriber, event_stream};
 use crate::timestamp::{Timestamp, TimestampError};
 
 /// Flagsmith sends `{"updated_at": "<iso>"}`, about 50 bytes; anything near this is not it.
@@ -305,7 +305,8 @@ fn stream(
 ) -> Result<Response<Body>, ApiError> {
     let key = validate_key(key)?;
     let subscription = state.hub.subscribe(key).ok_or(ApiError::ShuttingDown)?;
-    let body = StreamBody::new(event_stream(state.clone(), subscription, last_write));
+    let subscriber = Subscriber::new(state.clone(), subscription, last_write);
+    let body = StreamBody::new(event_stream(subscriber));
     let mut response = Response::new(BodyExt::boxed_unsync(body));
     let headers = response.headers_mut();
     // OkHttp (Android) rejects any other content type.

@@ -31,14 +31,25 @@ pub struct Update {
 #[derive(Clone, Debug, Default)]
 pub struct Latest {
     pub update: Option<Update>,
+    /// The event as an HTTP/1.1 chunk (`<len>\r\n<event>\r\n`), written as is by the
+    /// HTTP/1.1 stream path.
+    pub chunk: Bytes,
+    /// The bare event, a slice of `chunk` (same allocation), for HTTP/2 and TLS bodies.
     pub event: Bytes,
 }
 
 impl Latest {
     fn new(update: Update) -> Self {
+        let event = encode_event(update.timestamp);
+        let mut framed = format!("{:x}\r\n", event.len()).into_bytes();
+        let start = framed.len();
+        framed.extend_from_slice(event.as_bytes());
+        framed.extend_from_slice(b"\r\n");
+        let chunk = Bytes::from(framed);
         Self {
             update: Some(update),
-            event: encode_event(update.timestamp),
+            event: chunk.slice(start..chunk.len() - 2),
+            chunk,
         }
     }
 
@@ -49,7 +60,7 @@ impl Latest {
         seen: Option<Timestamp>,
         now: SystemTime,
         retention: Duration,
-    ) -> Option<(Timestamp, &Bytes)> {
+    ) -> Option<Timestamp> {
         let update = self.update?;
         if seen.is_some_and(|s| s >= update.timestamp) {
             return None;
@@ -57,7 +68,7 @@ impl Latest {
         if !is_fresh(update.stored_at, now, retention) {
             return None;
         }
-        Some((update.timestamp, &self.event))
+        Some(update.timestamp)
     }
 }
 
@@ -68,10 +79,8 @@ fn is_fresh(stored_at: SystemTime, now: SystemTime, retention: Duration) -> bool
 }
 
 /// The bytes of one `environment_updated` event, in the exact shape SDKs parse.
-pub fn encode_event(timestamp: Timestamp) -> Bytes {
-    Bytes::from(format!(
-        "event: environment_updated\ndata: {{\"updated_at\": {timestamp}}}\n\n"
-    ))
+pub fn encode_event(timestamp: Timestamp) -> String {
+    format!("event: environment_updated\ndata: {{\"updated_at\": {timestamp}}}\n\n")
 }
 
 pub type Subscription = watch::Receiver<Latest>;
@@ -233,6 +242,12 @@ mod tests {
         let b = hub.subscribe("env").expect("open");
         hub.apply("env", update(1_500_000, 1));
         assert_eq!(a.borrow().event.as_ptr(), b.borrow().event.as_ptr());
+        let latest = a.borrow();
+        assert_eq!(
+            &latest.chunk[..],
+            b"36\r\nevent: environment_updated\ndata: {\"updated_at\": 1.5}\n\n\r\n"
+        );
+        assert_eq!(latest.chunk[4..latest.chunk.len() - 2], latest.event[..]);
     }
 
     #[test]
@@ -263,14 +278,8 @@ mod tests {
         let five = Timestamp::from_micros(5_000_000).expect("in range");
         let four = Timestamp::from_micros(4_000_000).expect("in range");
         assert!(latest.newer_than(Some(five), now, day).is_none());
-        assert_eq!(
-            latest.newer_than(Some(four), now, day).map(|(t, _)| t),
-            Some(five)
-        );
-        assert_eq!(
-            latest.newer_than(None, now, day).map(|(t, _)| t),
-            Some(five)
-        );
+        assert_eq!(latest.newer_than(Some(four), now, day), Some(five));
+        assert_eq!(latest.newer_than(None, now, day), Some(five));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod config;
 pub mod environment;
+pub mod h1_stream;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::broker::{BrokerError, NatsBroker, NatsSettings, redact};
 use crate::config::{Config, ConfigError};
+use crate::h1_stream::{self, Prefixed, Sniffed};
 use crate::http::{AppState, handle};
 use crate::hub::Hub;
 use crate::metrics::{LastWrite, Metrics};
@@ -45,7 +46,14 @@ pub struct Server {
     tls: Option<TlsAcceptor>,
     state: Arc<AppState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    timeouts: Timeouts,
     shutdown_timeout: Duration,
+}
+
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header_read: Duration,
+    stream_write: Duration,
 }
 
 impl Server {
@@ -110,6 +118,10 @@ impl Server {
             tls,
             state,
             builder: Arc::new(builder),
+            timeouts: Timeouts {
+                header_read: config.header_read_timeout,
+                stream_write: config.stream_write_timeout,
+            },
             shutdown_timeout: config.shutdown_timeout,
         })
     }
@@ -127,6 +139,7 @@ impl Server {
             tls,
             state,
             builder,
+            timeouts,
             shutdown_timeout,
         } = self;
         let connections = TaskTracker::new();
@@ -149,13 +162,18 @@ impl Server {
             let _ = tcp.set_nodelay(true);
             let (state, builder, closing) = (state.clone(), builder.clone(), closing.clone());
             match &tls {
-                None => connections.spawn(serve_connection(tcp, state, builder, closing)),
+                None => connections.spawn(serve_connection(tcp, state, builder, closing, timeouts)),
                 Some(acceptor) => {
                     let acceptor = acceptor.clone();
-                    let handshake_timeout = Duration::from_secs(10);
                     connections.spawn(async move {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => serve_connection(tls, state, builder, closing).await,
+                        match tokio::time::timeout(timeouts.header_read, acceptor.accept(tcp)).await
+                        {
+                            Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                Box::pin(serve_hyper(tls, state, builder, closing)).await;
+                            }
+                            Ok(Ok(tls)) => {
+                                serve_connection(tls, state, builder, closing, timeouts).await;
+                            }
                             Ok(Err(err)) => debug!(%peer, error = %err, "TLS handshake failed"),
                             Err(_) => debug!(%peer, "TLS handshake timed out"),
                         }
@@ -183,7 +201,35 @@ impl Server {
     }
 }
 
+/// Serves one connection: an HTTP/1.1 event stream on the fast path, anything else with
+/// hyper. hyper's state is boxed so that a stream's task stays small.
 async fn serve_connection<I>(
+    mut io: I,
+    state: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    closing: CancellationToken,
+    timeouts: Timeouts,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match h1_stream::sniff(&mut io, timeouts.header_read).await {
+        Sniffed::Stream(key) => {
+            h1_stream::serve_stream(io, state, &key, timeouts.stream_write).await;
+        }
+        Sniffed::Other(head) => {
+            Box::pin(serve_hyper(
+                Prefixed::new(head, io),
+                state,
+                builder,
+                closing,
+            ))
+            .await;
+        }
+        Sniffed::Gone => {}
+    }
+}
+
+async fn serve_hyper<I>(
     io: I,
     state: Arc<AppState>,
     builder: Arc<auto::Builder<TokioExecutor>>,

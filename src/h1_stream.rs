@@ -1,0 +1,262 @@
+//! The HTTP/1.1 fast path for event streams.
+//!
+//! hyper keeps an 8 KiB read buffer and an 8 KiB write buffer for every HTTP/1.1
+//! connection, about 18 KB of memory per idle subscriber; a stream needs neither. So each
+//! new connection's request head is read here first: a plain `GET` of an event stream is
+//! answered directly on the socket, writing each update's pre-encoded chunk (shared `Bytes`,
+//! one write call, nothing allocated per subscriber). Everything else, HTTP/2 prior
+//! knowledge included, is handed to hyper together with the bytes already read.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::environment::validate_key;
+use crate::http::AppState;
+use crate::metrics::LastWrite;
+use crate::sse::{KEEPALIVE_CHUNK, Outgoing, Subscriber};
+
+/// Heads longer than this are hyper's to judge (it has its own limits and errors).
+const MAX_SNIFF: usize = 8 * 1024;
+
+const STREAM_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\n\
+content-type: text/event-stream\r\n\
+cache-control: no-cache\r\n\
+x-accel-buffering: no\r\n\
+access-control-allow-origin: *\r\n\
+transfer-encoding: chunked\r\n\r\n";
+
+const SHUTTING_DOWN: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+access-control-allow-origin: *\r\n\
+connection: close\r\n\
+content-length: 94\r\n\r\n\
+{\"error\":\"shutting_down\",\"message\":\"the service is shutting down; connect to another instance\"}";
+
+/// What the first bytes of a connection turned out to be.
+pub enum Sniffed {
+    /// `GET /sse/environments/{key}/stream` over HTTP/1.1, nothing else to serve.
+    Stream(Box<str>),
+    /// Anything else: hyper serves it, starting with these bytes.
+    Other(Bytes),
+    /// Closed, failed or too slow before a request head arrived.
+    Gone,
+}
+
+/// Reads the request head (within `timeout`) and decides who serves the connection.
+pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> Sniffed {
+    let mut buffer = Vec::with_capacity(1024);
+    let read_head = async {
+        loop {
+            match io.read_buf(&mut buffer).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            if let Some(decision) = decide(&buffer) {
+                return Some(decision);
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read_head).await {
+        Ok(Some(Some(key))) => Sniffed::Stream(key),
+        Ok(Some(None)) => Sniffed::Other(Bytes::from(buffer)),
+        Ok(None) | Err(_) => Sniffed::Gone,
+    }
+}
+
+/// `None`: read more. `Some(Some(key))`: a stream request. `Some(None)`: hyper's.
+fn decide(buffer: &[u8]) -> Option<Option<Box<str>>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buffer) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) if buffer.len() < MAX_SNIFF => return None,
+        Ok(httparse::Status::Partial) | Err(_) => return Some(None),
+    }
+    if request.method != Some("GET") || request.version != Some(1) {
+        return Some(None);
+    }
+    // A body, an upgrade or an expectation is not a plain stream request: let hyper judge.
+    let plain = request.headers.iter().all(|h| {
+        !(h.name.eq_ignore_ascii_case("content-length")
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+            || h.name.eq_ignore_ascii_case("upgrade")
+            || h.name.eq_ignore_ascii_case("expect"))
+    });
+    let path = request.path.unwrap_or("");
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let key = path
+        .strip_prefix("/sse/environments/")
+        .and_then(|rest| {
+            rest.strip_suffix("/stream")
+                .or_else(|| rest.strip_suffix("/stream/"))
+        })
+        .and_then(|key| validate_key(key).ok());
+    Some(key.filter(|_| plain).map(Box::from))
+}
+
+/// Serves one event stream on `io` until the client leaves, a write fails or times out,
+/// or the hub closes for shutdown (then the chunked body is ended properly).
+pub async fn serve_stream<I>(mut io: I, state: Arc<AppState>, key: &str, write_timeout: Duration)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(subscription) = state.hub.subscribe(key) else {
+        let _ = io.write_all(SHUTTING_DOWN).await;
+        let _ = io.shutdown().await;
+        return;
+    };
+    let last_write = Arc::new(LastWrite::new());
+    let mut subscriber = Subscriber::new(state, subscription, Some(last_write.clone()));
+    if !matches!(
+        tokio::time::timeout(write_timeout, io.write_all(STREAM_HEAD)).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    // Clients send nothing more; reading only tells us when they leave.
+    let mut probe = [0u8; 32];
+    loop {
+        let outgoing = tokio::select! {
+            outgoing = subscriber.next() => outgoing,
+            read = io.read(&mut probe) => match read {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(_) => {
+                    // A reset, not a clean close: whatever was in flight was lost.
+                    if let Some(message) = last_write.get() {
+                        subscriber.write_failed(message);
+                    }
+                    return;
+                }
+            },
+        };
+        let Some(outgoing) = outgoing else {
+            // Shutdown: end the chunked body so the client sees a clean end and reconnects.
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(b"0\r\n\r\n")).await;
+            let _ = io.shutdown().await;
+            return;
+        };
+        let message = outgoing.message();
+        let bytes = match outgoing {
+            Outgoing::Event { chunk, .. } => chunk,
+            Outgoing::Keepalive => KEEPALIVE_CHUNK,
+        };
+        match tokio::time::timeout(write_timeout, io.write_all(&bytes)).await {
+            Ok(Ok(())) => subscriber.wrote(message),
+            // A failed write, or a client that stopped reading for the whole timeout.
+            _ => {
+                subscriber.write_failed(message);
+                return;
+            }
+        }
+    }
+}
+
+/// An I/O object that first yields bytes already read from it.
+pub struct Prefixed<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Prefixed<I> {
+    pub fn new(prefix: Bytes, inner: I) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decided(head: &str) -> Option<Option<Box<str>>> {
+        decide(head.as_bytes())
+    }
+
+    #[test]
+    fn takes_only_plain_stream_requests() {
+        let stream = "GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(decided(stream), Some(Some("abc".into())));
+        let query = "GET /sse/environments/abc/stream/?x=1 HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(decided(query), Some(Some("abc".into())));
+        assert_eq!(
+            decided("GET /sse/environments/abc/stream HTTP/1.1\r\nHost"),
+            None
+        );
+        for other in [
+            "GET /sse/environments/abc/stream HTTP/1.0\r\n\r\n",
+            "HEAD /sse/environments/abc/stream HTTP/1.1\r\n\r\n",
+            "POST /sse/environments/abc/queue-change HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            "GET /sse/environments/a.b/stream HTTP/1.1\r\n\r\n",
+            "GET /livez HTTP/1.1\r\n\r\n",
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "\u{1}\u{2}garbage\r\n\r\n",
+        ] {
+            assert_eq!(decided(other), Some(None), "{other:?}");
+        }
+        let huge = format!("GET /x HTTP/1.1\r\nX: {}", "a".repeat(MAX_SNIFF));
+        assert_eq!(decided(&huge), Some(None));
+    }
+
+    #[tokio::test]
+    async fn prefixed_replays_what_was_read() {
+        let mut io = Prefixed::new(Bytes::from_static(b"hello "), &b"world"[..]);
+        let mut out = String::new();
+        io.read_to_string(&mut out).await.expect("read");
+        assert_eq!(out, "hello world");
+    }
+}
