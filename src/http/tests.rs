@@ -389,3 +389,30 @@ async fn stream_sends_keepalives_in_silence() {
     assert_eq!(&frame.into_data().expect("data")[..], b": keepalive\n\n");
     assert_eq!(started.elapsed(), Duration::from_secs(15));
 }
+
+/// hyper keeps a request's future and body for the whole life of an HTTP/2 stream, so
+/// their sizes are memory per subscriber: keep them small (queue-change's future is boxed).
+#[tokio::test]
+async fn per_stream_state_stays_small() {
+    let (state, _) = state();
+    let request = Request::get("/x")
+        .body(Full::<Bytes>::default())
+        .expect("req");
+    let future = handle(state.clone(), request);
+    assert!(
+        std::mem::size_of_val(&future) <= 256,
+        "{}",
+        std::mem::size_of_val(&future)
+    );
+    let subscription = state.hub.subscribe("x").expect("open");
+    let body = StreamBody::new(event_stream(Subscriber::new(
+        state.clone(),
+        subscription,
+        None,
+    )));
+    assert!(
+        std::mem::size_of_val(&body) <= 768,
+        "{}",
+        std::mem::size_of_val(&body)
+    );
+}
