@@ -3,13 +3,14 @@
 //! fast path (`h1_stream`) and hyper bodies (`event_stream`, for HTTP/2 and TLS) write it.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use hyper::body::Frame;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::http::AppState;
 use crate::hub::Subscription;
@@ -45,7 +46,11 @@ pub struct Subscriber {
     subscription: Subscription,
     /// The newest timestamp this stream has sent; nothing older or equal is sent again.
     seen: Option<Timestamp>,
-    keepalive_at: Instant,
+    /// When the stream last wrote anything.
+    wrote_at: Instant,
+    /// Fires at or before the next keep-alive. Re-armed only when it fires, not on every
+    /// write: moving a timer costs two timer-wheel operations, per subscriber per update.
+    keepalive: Pin<Box<Sleep>>,
     state: Arc<AppState>,
     /// The connection's record of what it last wrote, to label a failed write.
     last_write: Option<Arc<LastWrite>>,
@@ -64,10 +69,12 @@ impl Subscriber {
         last_write: Option<Arc<LastWrite>>,
     ) -> Self {
         state.metrics.subscriber_connected();
+        let now = Instant::now();
         Self {
             subscription,
             seen: None,
-            keepalive_at: Instant::now() + state.keepalive,
+            wrote_at: now,
+            keepalive: Box::pin(tokio::time::sleep_until(now + state.keepalive)),
             state,
             last_write,
         }
@@ -98,16 +105,22 @@ impl Subscriber {
             };
             if let Some((timestamp, event, chunk)) = newer {
                 self.seen = Some(timestamp);
-                self.keepalive_at = Instant::now() + self.state.keepalive;
+                self.wrote_at = Instant::now();
                 return Some(Outgoing::Event { event, chunk });
             }
             tokio::select! {
                 changed = self.subscription.changed() => {
                     changed.ok()?;
                 }
-                () = tokio::time::sleep_until(self.keepalive_at) => {
-                    self.keepalive_at = Instant::now() + self.state.keepalive;
-                    return Some(Outgoing::Keepalive);
+                () = self.keepalive.as_mut() => {
+                    let now = Instant::now();
+                    let due = self.wrote_at + self.state.keepalive;
+                    if now >= due {
+                        self.wrote_at = now;
+                        self.keepalive.as_mut().reset(now + self.state.keepalive);
+                        return Some(Outgoing::Keepalive);
+                    }
+                    self.keepalive.as_mut().reset(due);
                 }
             }
         }
