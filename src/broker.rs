@@ -425,6 +425,17 @@ impl NatsBroker {
                     });
                 }
                 Ok(ack) => {
+                    // Stored: local subscribers need not wait for the consumer's copy, and
+                    // the next write to this environment compares with this sequence. The
+                    // consumer's delivery of the same message changes nothing after this.
+                    self.hub.apply(
+                        key,
+                        Update {
+                            timestamp,
+                            sequence: ack.sequence,
+                            stored_at: SystemTime::now(),
+                        },
+                    );
                     return Ok(Published::Stored {
                         sequence: ack.sequence,
                     });
