@@ -90,6 +90,9 @@ struct SubscribeArgs {
     /// Pause between updates, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     interval_ms: u64,
+    /// Publish at this many updates per second instead (on a fixed schedule).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Connections per worker process (each process may hold at most 20,000 files).
     #[arg(long, default_value_t = 15_000)]
     connections_per_worker: usize,
@@ -350,7 +353,8 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             format!("--streams-per-connection={per_conn}"),
             format!("--source-ips={}", my_ips.join(",")),
             format!("--envs={}", envs.join(",")),
-            format!("--since-micros={}", if args.storm { t0 } else { since }),
+            format!("--since-micros={since}"),
+            format!("--t0-micros={t0}"),
             format!(
                 "--connect-concurrency={}",
                 if args.storm {
@@ -440,7 +444,12 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         let cpu_before = proc::cpu_micros(&args.target.server_pid);
         let subscribers_of = |env: usize| (0..n).filter(|i| i % envs.len() == env).count() as u64;
         let per_env: Vec<u64> = (0..envs.len()).map(subscribers_of).collect();
+        let schedule = Instant::now();
         for u in 0..args.updates {
+            if let Some(rate) = args.rate {
+                let at = schedule + Duration::from_secs_f64(u as f64 / rate);
+                tokio::time::sleep_until(at.into()).await;
+            }
             let env = u % envs.len();
             let ts = now_micros();
             let status = poster.post(&envs[env], ts).await;
@@ -450,7 +459,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             } else {
                 eprintln!("update {u}: queue-change answered {status}");
             }
-            if u + 1 < args.updates {
+            if u + 1 < args.updates && args.rate.is_none() {
                 tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
             }
         }

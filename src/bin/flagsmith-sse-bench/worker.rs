@@ -42,6 +42,9 @@ pub struct WorkerArgs {
     /// Events for timestamps older than this (Unix µs) are from earlier runs: ignored.
     #[arg(long)]
     pub since_micros: i64,
+    /// Each subscriber's first counted event is timed from this instant (Unix µs).
+    #[arg(long)]
+    pub t0_micros: i64,
     /// Connect with at most this many handshakes in flight (0: all at once, a storm).
     #[arg(long, default_value_t = 512)]
     pub connect_concurrency: usize,
@@ -72,7 +75,13 @@ pub fn now_micros() -> i64 {
 }
 
 impl Shared {
-    fn record(&mut self, updated_at: i64, received: i64, since: i64, first: &mut bool) {
+    fn record(
+        &mut self,
+        updated_at: i64,
+        received: i64,
+        (since, t0): (i64, i64),
+        first: &mut bool,
+    ) {
         if updated_at < since {
             return;
         }
@@ -237,7 +246,7 @@ async fn h1_subscriber(
     let mut chunked = Chunked::default();
     let mut events = Events::default();
     let mut first = true;
-    let since = args.since_micros;
+    let since = (args.since_micros, args.t0_micros);
     let rest = head.split_off(body_start);
     drop(head);
     let mut feed = |bytes: &[u8], first: &mut bool| {
@@ -298,7 +307,11 @@ async fn h2_connection(
             env_of(args, index)
         ))
         .body(Empty::<Bytes>::new())?;
-        let (shared, done, since) = (shared.clone(), done.clone(), args.since_micros);
+        let (shared, done, since) = (
+            shared.clone(),
+            done.clone(),
+            (args.since_micros, args.t0_micros),
+        );
         tokio::task::spawn_local(async move {
             let result: anyhow::Result<()> = async {
                 sender.ready().await?;
