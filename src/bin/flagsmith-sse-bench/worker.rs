@@ -96,7 +96,7 @@ impl Shared {
             *first = false;
             self.report
                 .first_event
-                .record((received - since).max(0) as u64);
+                .record((received - t0).max(0) as u64);
         }
     }
 }
