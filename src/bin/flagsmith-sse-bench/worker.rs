@@ -202,6 +202,34 @@ fn env_of(args: &WorkerArgs, index: usize) -> &str {
     &args.envs[index % args.envs.len()]
 }
 
+/// A client socket bound to `source`. The port is chosen at connect time
+/// (`IP_BIND_ADDRESS_NO_PORT`), so ports left in TIME_WAIT by an earlier run towards another
+/// server port do not block `bind`.
+fn client_socket(source: IpAddr) -> std::io::Result<TcpSocket> {
+    use std::os::fd::AsRawFd;
+    let socket = if source.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a pointer to a c_int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(SocketAddr::new(source, 0))?;
+    Ok(socket)
+}
+
 async fn h1_subscriber(
     args: &WorkerArgs,
     source: IpAddr,
@@ -210,12 +238,7 @@ async fn h1_subscriber(
     permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
     done: &tokio::sync::mpsc::UnboundedSender<usize>,
 ) -> anyhow::Result<()> {
-    let socket = if source.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.bind(SocketAddr::new(source, 0))?;
+    let socket = client_socket(source)?;
     let mut tcp = socket.connect(args.addr).await?;
     tcp.set_nodelay(true)?;
     let request = format!(
@@ -281,12 +304,7 @@ async fn h2_connection(
     permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
     done: &tokio::sync::mpsc::UnboundedSender<usize>,
 ) -> anyhow::Result<()> {
-    let socket = if source.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.bind(SocketAddr::new(source, 0))?;
+    let socket = client_socket(source)?;
     let tcp = socket.connect(args.addr).await?;
     tcp.set_nodelay(true)?;
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
