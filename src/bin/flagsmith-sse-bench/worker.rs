@@ -110,6 +110,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 async fn work(args: WorkerArgs) -> anyhow::Result<()> {
+    // Shared, not cloned per subscriber: the environment list can be thousands long.
+    let args = Rc::new(args);
     let shared = Rc::new(RefCell::new(Shared::default()));
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(
         if args.connect_concurrency == 0 {
