@@ -185,8 +185,16 @@ impl Poster {
         }
     }
 
-    /// POSTs `updated_at` (µs) to `env`; returns the status, or 0 on a transport error.
+    /// POSTs `updated_at` (µs) to `env`, once more on a fresh connection after a transport
+    /// error (as Flagsmith's task processor retries); returns the status, or 0.
     async fn post(&mut self, env: &str, micros: i64) -> u16 {
+        match self.post_once(env, micros).await {
+            0 => self.post_once(env, micros).await,
+            status => status,
+        }
+    }
+
+    async fn post_once(&mut self, env: &str, micros: i64) -> u16 {
         if self.sender.is_none() {
             let Ok(tcp) = tokio::net::TcpStream::connect(self.addr).await else {
                 return 0;
@@ -217,7 +225,8 @@ impl Poster {
                 let _ = response.into_body().collect().await;
                 status
             }
-            Err(_) => {
+            Err(err) => {
+                eprintln!("queue-change transport error: {err}");
                 self.sender = None;
                 0
             }
