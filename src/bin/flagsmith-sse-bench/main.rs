@@ -316,10 +316,12 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         .div_ceil(args.connections_per_worker.max(1))
         .max(n.div_ceil(args.subscribers_per_worker.max(1)))
         .max(1);
+    // Few connections per source address keep the kernel's ephemeral-port search short: it
+    // slows sharply as one address's port range fills up.
     let ips = args
         .source_ips
         .max(workers)
-        .max(connections.div_ceil(20_000));
+        .max(connections.div_ceil(4_000));
     let envs: Vec<String> = if args.environments <= 1 {
         vec![args.env.clone()]
     } else {
