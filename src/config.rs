@@ -77,7 +77,18 @@ pub struct Config {
     #[arg(long, env = "STREAM_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub stream_write_timeout: Duration,
 
-    /// On SIGTERM or SIGINT, wait at most this long for connections to finish.
+    /// Most subscribers this instance holds; more get 503 with Retry-After. 0: the open-file
+    /// limit less 1,024 for NATS, probes and queue-change.
+    #[arg(long, env = "MAX_SUBSCRIBERS", default_value_t = 0)]
+    pub max_subscribers: usize,
+
+    /// On SIGTERM, end streams at moments spread over this window, so their clients do not
+    /// all reconnect to the other instances at once.
+    #[arg(long, env = "DRAIN_WINDOW", default_value = "5s", value_parser = parse_duration)]
+    pub drain_window: Duration,
+
+    /// On SIGTERM or SIGINT, exit after at most this long, whatever clients still hold
+    /// open. Keep it above DRAIN_WINDOW, and Kubernetes' grace period above it.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 

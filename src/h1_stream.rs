@@ -36,8 +36,16 @@ content-type: application/json\r\n\
 retry-after: 1\r\n\
 access-control-allow-origin: *\r\n\
 connection: close\r\n\
-content-length: 94\r\n\r\n\
+content-length: 95\r\n\r\n\
 {\"error\":\"shutting_down\",\"message\":\"the service is shutting down; connect to another instance\"}";
+
+const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+access-control-allow-origin: *\r\n\
+connection: close\r\n\
+content-length: 120\r\n\r\n\
+{\"error\":\"too_many_subscribers\",\"message\":\"this instance holds its maximum of subscribers; connect to another instance\"}";
 
 /// What the first bytes of a connection turned out to be.
 pub enum Sniffed {
@@ -107,13 +115,25 @@ pub async fn serve_stream<I>(mut io: I, state: Arc<AppState>, key: &str, write_t
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(subscription) = state.hub.subscribe(key) else {
+    let subscription = if state.is_shutting_down() {
+        None
+    } else {
+        state.hub.subscribe(key)
+    };
+    let Some(subscription) = subscription else {
         let _ = io.write_all(SHUTTING_DOWN).await;
         let _ = io.shutdown().await;
         return;
     };
     let last_write = Arc::new(LastWrite::new());
-    let mut subscriber = Subscriber::new(state, subscription, Some(last_write.clone()));
+    let mut subscriber = match Subscriber::try_new(state, subscription, Some(last_write.clone())) {
+        Ok(subscriber) => subscriber,
+        Err(_) => {
+            let _ = io.write_all(AT_CAPACITY).await;
+            let _ = io.shutdown().await;
+            return;
+        }
+    };
     if !matches!(
         tokio::time::timeout(write_timeout, io.write_all(STREAM_HEAD)).await,
         Ok(Ok(()))
@@ -250,6 +270,22 @@ mod tests {
         }
         let huge = format!("GET /x HTTP/1.1\r\nX: {}", "a".repeat(MAX_SNIFF));
         assert_eq!(decided(&huge), Some(None));
+    }
+
+    #[test]
+    fn canned_responses_are_well_formed() {
+        for response in [SHUTTING_DOWN, AT_CAPACITY] {
+            let text = std::str::from_utf8(response).expect("ascii");
+            let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.parse().ok())
+                .expect("content-length");
+            assert_eq!(length, body.len(), "{head}");
+            let json: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+            assert!(json["message"].is_string());
+        }
     }
 
     #[tokio::test]

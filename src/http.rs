@@ -31,16 +31,28 @@ pub const MAX_BODY_BYTES: usize = 4096;
 /// The response body type of every route.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
+/// The request-handling settings, from `Config`.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub keepalive: Duration,
+    pub body_read_timeout: Duration,
+    /// Refuse (503) subscribers beyond this many.
+    pub max_subscribers: usize,
+    /// At shutdown, streams end at moments spread evenly over this window.
+    pub drain_window: Duration,
+}
+
 /// Everything a request handler can reach.
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
-    pub keepalive: Duration,
-    pub body_read_timeout: Duration,
+    pub settings: Settings,
     /// `Token <secret>`, compared in constant time with the `Authorization` header.
     expected_authorization: Box<[u8]>,
     shutting_down: AtomicBool,
+    /// Flips to true when streams should start leaving (shutdown).
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -49,23 +61,36 @@ impl AppState {
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
         token: &str,
-        keepalive: Duration,
-        body_read_timeout: Duration,
+        settings: Settings,
     ) -> Self {
         Self {
             hub,
             broker,
             metrics,
-            keepalive,
-            body_read_timeout,
+            settings,
             expected_authorization: format!("Token {token}").into_bytes().into_boxed_slice(),
             shutting_down: AtomicBool::new(false),
+            draining: tokio::sync::watch::Sender::new(false),
         }
     }
 
     /// From now on `/readyz` answers 503, so load balancers stop sending new clients.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// Streams end over the drain window from now, so that their clients do not all
+    /// reconnect elsewhere in the same millisecond.
+    pub fn begin_drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -104,6 +129,8 @@ pub enum ApiError {
     Unavailable(#[from] PublishError),
     #[error("the service is shutting down; connect to another instance")]
     ShuttingDown,
+    #[error("this instance holds its maximum of subscribers; connect to another instance")]
+    TooManySubscribers,
     #[error("no such route")]
     NotFound,
     #[error("method not allowed; use {0}")]
@@ -119,7 +146,9 @@ impl ApiError {
             }
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::ShuttingDown | ApiError::TooManySubscribers => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -136,6 +165,7 @@ impl ApiError {
             ApiError::BodyRead(_) => "body_unreadable",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::TooManySubscribers => "too_many_subscribers",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
         }
@@ -149,7 +179,7 @@ impl ApiError {
         );
         let headers = response.headers_mut();
         match self {
-            ApiError::Unavailable(_) | ApiError::ShuttingDown => {
+            ApiError::Unavailable(_) | ApiError::ShuttingDown | ApiError::TooManySubscribers => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::MethodNotAllowed(allow) => {
@@ -297,6 +327,7 @@ fn health(state: &AppState, status: StatusCode, text: &'static str) -> Response<
 fn metrics(state: &AppState) -> Response<Body> {
     let text = state.metrics.render(&Gauges {
         environments: state.hub.len(),
+        max_subscribers: state.settings.max_subscribers,
         nats_connected: state.broker.is_connected(),
         ready: state.is_ready(),
     });
@@ -313,8 +344,11 @@ fn stream(
     last_write: Option<Arc<LastWrite>>,
 ) -> Result<Response<Body>, ApiError> {
     let key = validate_key(key)?;
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
     let subscription = state.hub.subscribe(key).ok_or(ApiError::ShuttingDown)?;
-    let subscriber = Subscriber::new(state.clone(), subscription, last_write);
+    let subscriber = Subscriber::try_new(state.clone(), subscription, last_write)?;
     let body = StreamBody::new(event_stream(subscriber));
     let mut response = Response::new(BodyExt::boxed_unsync(body));
     let headers = response.headers_mut();
@@ -352,7 +386,7 @@ where
         return Err(ApiError::TooLarge);
     }
     let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
-    let collected = tokio::time::timeout(state.body_read_timeout, body.collect())
+    let collected = tokio::time::timeout(state.settings.body_read_timeout, body.collect())
         .await
         .map_err(|_| ApiError::BodyTimeout)?;
     let bytes = match collected {

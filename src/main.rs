@@ -13,6 +13,12 @@ fn main() -> ExitCode {
         .with_max_level(config.log_level)
         .with_writer(std::io::stderr)
         .init();
+    match flagsmith_sse::server::raise_open_file_limit() {
+        Ok((before, soft, hard)) => {
+            tracing::info!(soft_before = before, soft, hard, "open-file limit");
+        }
+        Err(err) => tracing::warn!(error = %err, "could not read or raise the open-file limit"),
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -27,13 +33,16 @@ fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let server = Server::bind(&config).await?;
         // Tests and scripts read this line to learn the port when LISTEN_ADDR has port 0.
         eprintln!("flagsmith-sse listening on {}", server.local_addr()?);
         server.serve(shutdown_signal()).await;
         anyhow::Ok(())
-    })
+    });
+    // Tasks still holding stuck clients are dropped, not awaited: the deadline was served.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    served
 }
 
 /// SIGTERM (Kubernetes, systemd, docker stop) or Ctrl-C.

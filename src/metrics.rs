@@ -88,6 +88,7 @@ impl NatsOp {
 pub struct Metrics {
     subscribers: AtomicI64,
     subscribers_total: AtomicU64,
+    subscribers_rejected: AtomicU64,
     http_errors: [AtomicU64; 3],
     http_writes: [AtomicU64; 3],
     nats_errors: [AtomicU64; 7],
@@ -96,14 +97,22 @@ pub struct Metrics {
 /// Values that live elsewhere, sampled at render time.
 pub struct Gauges {
     pub environments: usize,
+    pub max_subscribers: usize,
     pub nats_connected: bool,
     pub ready: bool,
 }
 
 impl Metrics {
-    pub fn subscriber_connected(&self) {
-        self.subscribers.fetch_add(1, Relaxed);
-        self.subscribers_total.fetch_add(1, Relaxed);
+    /// Counts a new subscriber unless `max` are connected already. Returns its serial
+    /// number (how many came before it), which spreads the ends of streams at shutdown.
+    pub fn try_subscriber_connected(&self, max: usize) -> Option<u64> {
+        let before = self.subscribers.fetch_add(1, Relaxed);
+        if before >= max as i64 {
+            self.subscribers.fetch_sub(1, Relaxed);
+            self.subscribers_rejected.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.subscribers_total.fetch_add(1, Relaxed))
     }
 
     pub fn subscriber_disconnected(&self) {
@@ -144,8 +153,16 @@ impl Metrics {
             out,
             "# HELP flagsmith_sse_subscribers_total SSE subscribers ever connected.\n\
              # TYPE flagsmith_sse_subscribers_total counter\n\
-             flagsmith_sse_subscribers_total {}",
-            self.subscribers_total.load(Relaxed)
+             flagsmith_sse_subscribers_total {}\n\
+             # HELP flagsmith_sse_subscribers_rejected_total Subscribers refused with 503 at the cap.\n\
+             # TYPE flagsmith_sse_subscribers_rejected_total counter\n\
+             flagsmith_sse_subscribers_rejected_total {}\n\
+             # HELP flagsmith_sse_subscribers_max The subscriber cap of this instance.\n\
+             # TYPE flagsmith_sse_subscribers_max gauge\n\
+             flagsmith_sse_subscribers_max {}",
+            self.subscribers_total.load(Relaxed),
+            self.subscribers_rejected.load(Relaxed),
+            gauges.max_subscribers,
         );
         for (name, help, values) in [
             (
@@ -208,20 +225,24 @@ mod tests {
     #[test]
     fn renders_every_spec_metric_with_its_labels() {
         let metrics = Metrics::default();
-        metrics.subscriber_connected();
-        metrics.subscriber_connected();
+        assert_eq!(metrics.try_subscriber_connected(2), Some(0));
+        assert_eq!(metrics.try_subscriber_connected(2), Some(1));
+        assert_eq!(metrics.try_subscriber_connected(2), None);
         metrics.subscriber_disconnected();
         metrics.http_write(Message::Data);
         metrics.http_error(Message::Keepalive);
         metrics.nats_error(NatsOp::CreateJetstream);
         let text = metrics.render(&Gauges {
             environments: 3,
+            max_subscribers: 2,
             nats_connected: true,
             ready: false,
         });
         for line in [
             "flagsmith_sse_subscribers 1",
             "flagsmith_sse_subscribers_total 2",
+            "flagsmith_sse_subscribers_rejected_total 1",
+            "flagsmith_sse_subscribers_max 2",
             "flagsmith_sse_http_writes_total{message=\"data\"} 1",
             "flagsmith_sse_http_writes_total{message=\"keepalive\"} 0",
             "flagsmith_sse_http_errors_total{message=\"keepalive\"} 1",

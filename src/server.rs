@@ -21,12 +21,20 @@ use tracing::{debug, error, info, warn};
 use crate::broker::{BrokerError, NatsBroker, NatsSettings, redact};
 use crate::config::{Config, ConfigError};
 use crate::h1_stream::{self, Prefixed, Sniffed};
-use crate::http::{AppState, handle};
+use crate::http::{AppState, Settings, handle};
 use crate::hub::Hub;
 use crate::metrics::{LastWrite, Metrics};
 
 /// Reconnect storms arrive all at once; tokio's default backlog of 128 would drop SYNs.
 const LISTEN_BACKLOG: u32 = 4096;
+
+/// Largest request head accepted (hyper's buffer); SDK requests are well under 2 KiB.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+
+/// Kernel send buffer of an HTTP/1.1 stream socket. Events are ~60 bytes, so this holds
+/// about a thousand; it bounds the kernel memory a subscriber that stopped reading can pin
+/// (autotuning would let it grow to megabytes) and makes `STREAM_WRITE_TIMEOUT` apply.
+const STREAM_SEND_BUFFER: usize = 32 * 1024;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -80,13 +88,21 @@ impl Server {
             metrics.clone(),
         )
         .await?;
+        let max_subscribers = match config.max_subscribers {
+            0 => default_max_subscribers(),
+            n => n,
+        };
         let state = Arc::new(AppState::new(
             hub,
             broker,
             metrics,
             token,
-            config.keepalive_interval,
-            config.body_read_timeout,
+            Settings {
+                keepalive: config.keepalive_interval,
+                body_read_timeout: config.body_read_timeout,
+                max_subscribers,
+                drain_window: config.drain_window,
+            },
         ));
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -94,6 +110,8 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
+            // Request heads larger than this get 431; hyper's default allows ~400 KB.
+            .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
         builder
             .http2()
@@ -111,6 +129,9 @@ impl Server {
             max_age = ?config.nats_stream_max_age,
             replicas = config.nats_stream_replicas,
             keepalive = ?config.keepalive_interval,
+            max_subscribers,
+            drain_window = ?config.drain_window,
+            shutdown_timeout = ?config.shutdown_timeout,
             "flagsmith-sse starting"
         );
         Ok(Self {
@@ -146,9 +167,28 @@ impl Server {
         let closing = CancellationToken::new();
         let sweeper = tokio::spawn(sweep(state.clone()));
         tokio::pin!(shutdown);
+        // Set at shutdown: until then the listener stays open, so probes see /readyz say
+        // 503 (not a refused connection) and queue-change keeps working while streams drain.
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut deadline = tokio::time::Instant::now();
         loop {
             let accepted = tokio::select! {
-                () = &mut shutdown => break,
+                () = &mut shutdown, if drain_until.is_none() => {
+                    let now = tokio::time::Instant::now();
+                    deadline = now + shutdown_timeout;
+                    drain_until = Some((now + state.settings.drain_window).min(deadline));
+                    info!(
+                        drain_window = ?state.settings.drain_window,
+                        ?shutdown_timeout,
+                        "shutting down: not ready, refusing new streams, ending streams over the drain window"
+                    );
+                    state.begin_shutdown();
+                    state.begin_drain();
+                    // In-flight requests finish; idle keep-alives close; HTTP/2 says GOAWAY.
+                    closing.cancel();
+                    continue;
+                }
+                () = sleep_until_some(drain_until) => break,
                 accepted = listener.accept() => accepted,
             };
             let (tcp, peer) = match accepted {
@@ -181,20 +221,18 @@ impl Server {
                 }
             };
         }
-        info!("shutting down: not ready, closing the listener and ending streams");
-        state.begin_shutdown();
         drop(listener);
         sweeper.abort();
-        closing.cancel();
+        // Whatever still streams (a client slow to take its last bytes) is ended now.
         state.hub.close();
         connections.close();
-        if tokio::time::timeout(shutdown_timeout, connections.wait())
+        if tokio::time::timeout_at(deadline, connections.wait())
             .await
             .is_err()
         {
             warn!(
                 open = connections.len(),
-                "connections still open at the shutdown timeout; closing them"
+                "connections still open at the shutdown timeout; exiting anyway"
             );
         }
         info!("stopped");
@@ -210,10 +248,11 @@ async fn serve_connection<I>(
     closing: CancellationToken,
     timeouts: Timeouts,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + StreamSocket + Unpin + Send + 'static,
 {
     match h1_stream::sniff(&mut io, timeouts.header_read).await {
         Sniffed::Stream(key) => {
+            io.limit_send_buffer();
             h1_stream::serve_stream(io, state, &key, timeouts.stream_write).await;
         }
         Sniffed::Other(head) => {
@@ -269,6 +308,30 @@ async fn serve_hyper<I>(
     }
 }
 
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sockets whose kernel send buffer a stream caps (see `STREAM_SEND_BUFFER`).
+pub trait StreamSocket {
+    fn limit_send_buffer(&self);
+}
+
+impl StreamSocket for tokio::net::TcpStream {
+    fn limit_send_buffer(&self) {
+        let _ = socket2::SockRef::from(self).set_send_buffer_size(STREAM_SEND_BUFFER);
+    }
+}
+
+impl StreamSocket for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn limit_send_buffer(&self) {
+        self.get_ref().0.limit_send_buffer();
+    }
+}
+
 /// Running out of file descriptors must neither kill the server nor spin the accept loop:
 /// wait a moment for connections to close.
 async fn accept_error(err: io::Error) {
@@ -279,6 +342,46 @@ async fn accept_error(err: io::Error) {
         }
         _ => debug!(error = %err, "accept failed"),
     }
+}
+
+/// Raises the soft open-file limit to the hard limit: every subscriber is a socket, and the
+/// soft limit is often 1,024. Returns (soft before, soft after, hard).
+pub fn raise_open_file_limit() -> io::Result<(u64, u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one rlimit through a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((before, limit.rlim_cur, limit.rlim_max))
+}
+
+/// The open-file limit less headroom for NATS, probes, queue-change and the process itself.
+fn default_max_subscribers() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(1024)
+        .max(64)
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {

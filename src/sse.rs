@@ -12,7 +12,7 @@ use futures_util::Stream;
 use hyper::body::Frame;
 use tokio::time::{Instant, Sleep};
 
-use crate::http::AppState;
+use crate::http::{ApiError, AppState};
 use crate::hub::Subscription;
 use crate::metrics::{LastWrite, Message};
 use crate::timestamp::Timestamp;
@@ -48,9 +48,15 @@ pub struct Subscriber {
     seen: Option<Timestamp>,
     /// When the stream last wrote anything.
     wrote_at: Instant,
-    /// Fires at or before the next keep-alive. Re-armed only when it fires, not on every
-    /// write: moving a timer costs two timer-wheel operations, per subscriber per update.
-    keepalive: Pin<Box<Sleep>>,
+    /// Fires at or before the next keep-alive (or the moment to leave when draining).
+    /// Re-armed only when it fires, not on every write: moving a timer costs two
+    /// timer-wheel operations, per subscriber per update.
+    timer: Pin<Box<Sleep>>,
+    /// Shutdown: when this stream ends, somewhere in the drain window.
+    leave_at: Option<Instant>,
+    draining: tokio::sync::watch::Receiver<bool>,
+    /// This subscriber's number, which places its end within the drain window.
+    serial: u64,
     state: Arc<AppState>,
     /// The connection's record of what it last wrote, to label a failed write.
     last_write: Option<Arc<LastWrite>>,
@@ -63,21 +69,36 @@ impl Drop for Subscriber {
 }
 
 impl Subscriber {
-    pub fn new(
+    /// A new subscriber, or `TooManySubscribers` when the instance is at its cap.
+    pub fn try_new(
         state: Arc<AppState>,
         subscription: Subscription,
         last_write: Option<Arc<LastWrite>>,
-    ) -> Self {
-        state.metrics.subscriber_connected();
+    ) -> Result<Self, ApiError> {
+        let serial = state
+            .metrics
+            .try_subscriber_connected(state.settings.max_subscribers)
+            .ok_or(ApiError::TooManySubscribers)?;
         let now = Instant::now();
-        Self {
+        Ok(Self {
             subscription,
             seen: None,
             wrote_at: now,
-            keepalive: Box::pin(tokio::time::sleep_until(now + state.keepalive)),
+            timer: Box::pin(tokio::time::sleep_until(now + state.settings.keepalive)),
+            leave_at: None,
+            draining: state.draining(),
+            serial,
             state,
             last_write,
-        }
+        })
+    }
+
+    /// Where in the drain window this stream ends: serial numbers scattered evenly by a
+    /// multiplicative hash, so neighbours (often one client's reconnects) leave apart.
+    fn drain_delay(&self) -> std::time::Duration {
+        let fraction =
+            (self.serial.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+        self.state.settings.drain_window.mul_f64(fraction)
     }
 
     /// Counts a write of `message` (and remembers it for labelling a later failure).
@@ -93,8 +114,9 @@ impl Subscriber {
     }
 
     /// The next thing to send: a newer event as soon as there is one, or a keep-alive once
-    /// the stream has been silent for the keep-alive interval. `None` when the hub closed
-    /// (shutdown). Cancel-safe: dropping the future loses nothing.
+    /// the stream has been silent for the keep-alive interval. `None` when the stream
+    /// should end: its moment in the drain window came, or the hub closed. Cancel-safe:
+    /// dropping the future loses nothing.
     pub async fn next(&mut self) -> Option<Outgoing> {
         loop {
             let newer = {
@@ -112,15 +134,33 @@ impl Subscriber {
                 changed = self.subscription.changed() => {
                     changed.ok()?;
                 }
-                () = self.keepalive.as_mut() => {
+                changed = self.draining.changed(), if self.leave_at.is_none() => {
+                    if changed.is_err() || *self.draining.borrow() {
+                        let leave_at = Instant::now() + self.drain_delay();
+                        self.leave_at = Some(leave_at);
+                        if leave_at < self.timer.deadline() {
+                            self.timer.as_mut().reset(leave_at);
+                        }
+                    }
+                }
+                () = self.timer.as_mut() => {
                     let now = Instant::now();
-                    let due = self.wrote_at + self.state.keepalive;
-                    if now >= due {
+                    if self.leave_at.is_some_and(|at| now >= at) {
+                        return None;
+                    }
+                    let due = self.wrote_at + self.state.settings.keepalive;
+                    let next = if now >= due {
                         self.wrote_at = now;
-                        self.keepalive.as_mut().reset(now + self.state.keepalive);
+                        now + self.state.settings.keepalive
+                    } else {
+                        due
+                    };
+                    self.timer
+                        .as_mut()
+                        .reset(self.leave_at.map_or(next, |at| at.min(next)));
+                    if now >= due {
                         return Some(Outgoing::Keepalive);
                     }
-                    self.keepalive.as_mut().reset(due);
                 }
             }
         }

@@ -46,8 +46,12 @@ fn state() -> (Arc<AppState>, Arc<FakeBroker>) {
         broker.clone(),
         Arc::new(Metrics::default()),
         "s3cret",
-        Duration::from_secs(15),
-        Duration::from_secs(1),
+        Settings {
+            keepalive: Duration::from_secs(15),
+            body_read_timeout: Duration::from_secs(1),
+            max_subscribers: 3,
+            drain_window: Duration::from_secs(2),
+        },
     );
     (Arc::new(state), broker)
 }
@@ -405,14 +409,61 @@ async fn per_stream_state_stays_small() {
         std::mem::size_of_val(&future)
     );
     let subscription = state.hub.subscribe("x").expect("open");
-    let body = StreamBody::new(event_stream(Subscriber::new(
-        state.clone(),
-        subscription,
-        None,
-    )));
+    let subscriber = Subscriber::try_new(state.clone(), subscription, None).expect("under the cap");
+    let body = StreamBody::new(event_stream(subscriber));
     assert!(
         std::mem::size_of_val(&body) <= 768,
         "{}",
         std::mem::size_of_val(&body)
     );
+}
+
+#[tokio::test]
+async fn the_subscriber_cap_answers_503_with_retry_after() {
+    let (state, _) = state();
+    let stream = || {
+        Request::get("/sse/environments/env/stream")
+            .body(Full::default())
+            .expect("req")
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let response = handle(state.clone(), stream()).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+        held.push(response);
+    }
+    let (status, headers, body) = send(&state, stream()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers["retry-after"], "1");
+    assert!(body.contains("too_many_subscribers"), "{body}");
+    held.pop();
+    let response = handle(state.clone(), stream()).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_ends_streams_within_the_window() {
+    let (state, _) = state();
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let response = handle(
+            state.clone(),
+            Request::get("/sse/environments/env/stream")
+                .body(Full::default())
+                .expect("req"),
+        )
+        .await
+        .expect("infallible");
+        bodies.push(response.into_body());
+    }
+    let started = tokio::time::Instant::now();
+    state.begin_drain();
+    for mut body in bodies {
+        assert!(body.frame().await.is_none(), "stream should end");
+        assert!(
+            started.elapsed() <= Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -156,8 +156,17 @@ impl Service {
     }
 
     pub fn start_with(nats_url: &str, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
+        Self::start_wrapped(nats_url, "", env)
+    }
+
+    /// Starts the service through `sh -c "<shell_prefix> exec flagsmith-sse"`, e.g. to set
+    /// resource limits first.
+    pub fn start_wrapped(nats_url: &str, shell_prefix: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new("sh");
         command
+            .arg("-c")
+            .arg(format!("{shell_prefix} exec \"$0\""))
+            .arg(env!("CARGO_BIN_EXE_flagsmith-sse"))
             .env_clear()
             .env("NATS_URL", nats_url)
             .env("LISTEN_ADDR", "127.0.0.1:0")
@@ -472,4 +481,137 @@ impl Service {
         }
         None
     }
+}
+
+/// A port that was free a moment ago (for cluster routes, which must be known up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Three nats-server processes clustered over loopback routes, JetStream on.
+pub struct NatsCluster {
+    pub nodes: Vec<Nats>,
+}
+
+impl NatsCluster {
+    pub fn start() -> Self {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                Nats::start_with(&[
+                    "--server_name",
+                    &format!("n{i}"),
+                    "--cluster_name",
+                    "flagsmith",
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{port}"),
+                    "--routes",
+                    &routes,
+                ])
+            })
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Nats::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The last `updated_at` each stream received, kept by a background reader.
+pub struct Tracker {
+    pub last: Arc<Mutex<Option<f64>>>,
+    pub blocks: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Tracker {
+    pub fn follow(mut sse: Sse) -> Tracker {
+        let last = Arc::new(Mutex::new(None));
+        let blocks = Arc::new(Mutex::new(Vec::new()));
+        let (l, b) = (last.clone(), blocks.clone());
+        let task = tokio::spawn(async move {
+            while let Some(block) = sse.next_block(Duration::from_secs(3600)).await {
+                if !block.starts_with(':') {
+                    let value = parse_event(&block);
+                    let mut last = l.lock().expect("lock");
+                    assert!(
+                        last.is_none_or(|v| value > v),
+                        "went backwards: {value} after {last:?}"
+                    );
+                    *last = Some(value);
+                }
+                b.lock().expect("lock").push(block);
+            }
+        });
+        Tracker { last, blocks, task }
+    }
+
+    pub fn last(&self) -> Option<f64> {
+        *self.last.lock().expect("lock")
+    }
+
+    pub fn ended(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `check` until it holds or `within` passes.
+pub async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn kill(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// User plus system CPU time of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }
