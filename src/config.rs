@@ -78,7 +78,7 @@ pub struct Config {
     pub stream_write_timeout: Duration,
 
     /// Most subscribers this instance holds; more get 503 with Retry-After. 0: the open-file
-    /// limit less 1,024 for NATS, probes and queue-change.
+    /// limit less 256 for NATS, probes and queue-change.
     #[arg(long, env = "MAX_SUBSCRIBERS", default_value_t = 0)]
     pub max_subscribers: usize,
 

@@ -51,8 +51,6 @@ pub struct AppState {
     /// `Token <secret>`, compared in constant time with the `Authorization` header.
     expected_authorization: Box<[u8]>,
     shutting_down: AtomicBool,
-    /// Flips to true when streams should start leaving (shutdown).
-    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -70,7 +68,6 @@ impl AppState {
             settings,
             expected_authorization: format!("Token {token}").into_bytes().into_boxed_slice(),
             shutting_down: AtomicBool::new(false),
-            draining: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -82,11 +79,7 @@ impl AppState {
     /// Streams end over the drain window from now, so that their clients do not all
     /// reconnect elsewhere in the same millisecond.
     pub fn begin_drain(&self) {
-        self.draining.send_replace(true);
-    }
-
-    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.draining.subscribe()
+        self.hub.begin_drain();
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -36,6 +36,10 @@ pub struct Latest {
     pub chunk: Bytes,
     /// The bare event, a slice of `chunk` (same allocation), for HTTP/2 and TLS bodies.
     pub event: Bytes,
+    /// Shutdown has begun: subscribers pick their moment in the drain window and leave.
+    /// Carried on the environment's own channel, so draining costs subscribers no extra
+    /// registration on a shared channel while they run.
+    pub draining: bool,
 }
 
 impl Latest {
@@ -50,6 +54,7 @@ impl Latest {
             update: Some(update),
             event: chunk.slice(start..chunk.len() - 2),
             chunk,
+            draining: false,
         }
     }
 
@@ -98,6 +103,7 @@ type Slot = Arc<watch::Sender<Latest>>;
 #[derive(Debug, Default)]
 struct Inner {
     environments: HashMap<Box<str>, Slot>,
+    draining: bool,
     closed: bool,
 }
 
@@ -129,7 +135,10 @@ impl Hub {
         if let Some(sender) = inner.environments.get(key) {
             return Some(sender.subscribe());
         }
-        let (sender, receiver) = watch::channel(Latest::default());
+        let (sender, receiver) = watch::channel(Latest {
+            draining: inner.draining,
+            ..Latest::default()
+        });
         inner.environments.insert(key.into(), Arc::new(sender));
         Some(receiver)
     }
@@ -146,7 +155,10 @@ impl Hub {
             match inner.environments.get(key) {
                 Some(slot) => slot.clone(),
                 None => {
-                    let (sender, _) = watch::channel(Latest::new(update));
+                    let (sender, _) = watch::channel(Latest {
+                        draining: inner.draining,
+                        ..Latest::new(update)
+                    });
                     inner.environments.insert(key.into(), Arc::new(sender));
                     return true;
                 }
@@ -159,7 +171,10 @@ impl Hub {
                 .update
                 .is_none_or(|current| update.timestamp > current.timestamp);
             if newer {
-                *latest = Latest::new(update);
+                *latest = Latest {
+                    draining: latest.draining,
+                    ..Latest::new(update)
+                };
             }
             newer
         })
@@ -188,6 +203,18 @@ impl Hub {
                     .is_some_and(|u| is_fresh(u.stored_at, now, retention))
         });
         before - inner.environments.len()
+    }
+
+    /// Tells every subscriber, present and future, that shutdown has begun.
+    pub fn begin_drain(&self) {
+        let slots: Vec<Slot> = {
+            let mut inner = self.lock();
+            inner.draining = true;
+            inner.environments.values().cloned().collect()
+        };
+        for slot in slots {
+            slot.send_modify(|latest| latest.draining = true);
+        }
     }
 
     /// Ends every subscription (their streams see the channel close) and refuses new ones.

@@ -54,7 +54,6 @@ pub struct Subscriber {
     timer: Pin<Box<Sleep>>,
     /// Shutdown: when this stream ends, somewhere in the drain window.
     leave_at: Option<Instant>,
-    draining: tokio::sync::watch::Receiver<bool>,
     /// This subscriber's number, which places its end within the drain window.
     serial: u64,
     state: Arc<AppState>,
@@ -86,7 +85,6 @@ impl Subscriber {
             wrote_at: now,
             timer: Box::pin(tokio::time::sleep_until(now + state.settings.keepalive)),
             leave_at: None,
-            draining: state.draining(),
             serial,
             state,
             last_write,
@@ -119,12 +117,20 @@ impl Subscriber {
     /// dropping the future loses nothing.
     pub async fn next(&mut self) -> Option<Outgoing> {
         loop {
-            let newer = {
+            let (newer, draining) = {
                 let latest = self.subscription.borrow_and_update();
-                latest
+                let newer = latest
                     .newer_than(self.seen, SystemTime::now(), self.state.hub.retention())
-                    .map(|timestamp| (timestamp, latest.event.clone(), latest.chunk.clone()))
+                    .map(|timestamp| (timestamp, latest.event.clone(), latest.chunk.clone()));
+                (newer, latest.draining)
             };
+            if draining && self.leave_at.is_none() {
+                let leave_at = Instant::now() + self.drain_delay();
+                self.leave_at = Some(leave_at);
+                if leave_at < self.timer.deadline() {
+                    self.timer.as_mut().reset(leave_at);
+                }
+            }
             if let Some((timestamp, event, chunk)) = newer {
                 self.seen = Some(timestamp);
                 self.wrote_at = Instant::now();
@@ -133,15 +139,6 @@ impl Subscriber {
             tokio::select! {
                 changed = self.subscription.changed() => {
                     changed.ok()?;
-                }
-                changed = self.draining.changed(), if self.leave_at.is_none() => {
-                    if changed.is_err() || *self.draining.borrow() {
-                        let leave_at = Instant::now() + self.drain_delay();
-                        self.leave_at = Some(leave_at);
-                        if leave_at < self.timer.deadline() {
-                            self.timer.as_mut().reset(leave_at);
-                        }
-                    }
                 }
                 () = self.timer.as_mut() => {
                     let now = Instant::now();
