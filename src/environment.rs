@@ -67,3 +67,25 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn accepts_exactly_short_runs_of_safe_characters(key in ".{0,140}") {
+            let safe = !key.is_empty()
+                && key.len() <= MAX_KEY_LEN
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            prop_assert_eq!(validate_key(&key).is_ok(), safe, "{:?}", key);
+        }
+
+        #[test]
+        fn safe_keys_are_one_nats_token(key in "[A-Za-z0-9_-]{1,128}") {
+            prop_assert!(validate_key(&key).is_ok());
+            prop_assert!(!key.contains(['.', '*', '>', ' ']));
+        }
+    }
+}

@@ -288,6 +288,13 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn sniffing_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = decide(&bytes);
+        }
+    }
+
     #[tokio::test]
     async fn prefixed_replays_what_was_read() {
         let mut io = Prefixed::new(Bytes::from_static(b"hello "), &b"world"[..]);

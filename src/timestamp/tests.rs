@@ -154,3 +154,90 @@ fn render_always_has_a_decimal_point() {
         );
     }
 }
+
+mod properties {
+    use super::super::*;
+    use proptest::prelude::*;
+
+    /// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm), written
+    /// independently of the parser's inverse so that the two check each other.
+    fn civil_from_days(days: i64) -> (i64, u32, u32) {
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        (year, month, day)
+    }
+
+    /// Up to 2100: there `micros / 1e6` still tells every microsecond apart.
+    const YEAR_2100: i64 = 4_102_444_800_000_000;
+
+    proptest! {
+        #[test]
+        fn iso_strings_in_any_offset_and_precision_parse_back(
+            micros in 0i64..YEAR_2100,
+            offset_minutes in -(23 * 60 + 59)..(23 * 60 + 59i64),
+            digits in 0usize..=9,
+            zulu in any::<bool>(),
+        ) {
+            let offset_minutes = if zulu { 0 } else { offset_minutes };
+            let local = micros + offset_minutes * 60_000_000;
+            prop_assume!(local >= 0);
+            let (secs, frac) = (local.div_euclid(1_000_000), local.rem_euclid(1_000_000));
+            let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+            let tod = secs.rem_euclid(86_400);
+            let mut text = format!(
+                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+                tod / 3600,
+                tod / 60 % 60,
+                tod % 60
+            );
+            if digits > 0 {
+                let nine = format!("{frac:06}000");
+                text.push('.');
+                text.push_str(&nine[..digits]);
+            }
+            if zulu {
+                text.push('Z');
+            } else {
+                let sign = if offset_minutes < 0 { '-' } else { '+' };
+                let abs = offset_minutes.abs();
+                text.push_str(&format!("{sign}{:02}:{:02}", abs / 60, abs % 60));
+            }
+            // Fewer than six digits drop the rest of the fraction; more are truncated.
+            let kept = if digits >= 6 { frac } else {
+                let unit = 10i64.pow(6 - digits as u32);
+                frac / unit * unit
+            };
+            let expected = micros - frac + kept;
+            prop_assert_eq!(parse_iso8601(&text).map(Timestamp::micros), Ok(expected), "{}", text);
+        }
+
+        #[test]
+        fn rendering_then_parsing_gives_the_same_instant(micros in 0i64..YEAR_2100) {
+            let ts = Timestamp::from_micros(micros).expect("in range");
+            let text = ts.to_string();
+            prop_assert!(text.contains('.'));
+            prop_assert_eq!(parse_decimal_seconds(&text), Ok(ts), "{}", text);
+        }
+
+        #[test]
+        fn no_input_makes_the_parsers_panic(text in ".{0,64}", bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = parse_iso8601(&text);
+            let _ = parse_decimal_seconds(&text);
+            let _ = Timestamp::from_update_json(&bytes);
+            let _ = Timestamp::from_update_json(format!("{{\"updated_at\": \"{text}\"}}").as_bytes());
+            let _ = Timestamp::from_update_json(format!("{{\"updated_at\": {text}}}").as_bytes());
+        }
+
+        #[test]
+        fn iso_like_noise_never_panics(text in "[0-9T:.,+Z -]{0,40}") {
+            let _ = parse_iso8601(&text);
+        }
+    }
+}
