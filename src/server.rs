@@ -117,6 +117,11 @@ impl Server {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(config.http2_max_concurrent_streams)
+            // Rapid-reset floods (CVE-2023-44487): a connection whose client resets streams
+            // faster than they are accepted, or provokes errors in a loop, is closed.
+            .max_pending_accept_reset_streams(Some(100))
+            .max_local_error_reset_streams(Some(1024))
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
             // Pings find dead peers behind NAT; SSE comments do the same for HTTP/1.1.
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));

@@ -585,3 +585,48 @@ async fn thousands_of_environments_on_one_http2_connection() {
     .await;
     drop(responses);
 }
+
+#[tokio::test]
+async fn http2_streams_per_connection_are_capped() {
+    let nats = Nats::start();
+    let svc = Service::start_with(&nats.url(), &[("HTTP2_MAX_CONCURRENT_STREAMS", "5")]);
+    svc.wait_ready().await;
+    let tcp = TcpStream::connect(svc.addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2");
+    tokio::spawn(conn);
+    let open = |i: usize| {
+        let mut sender = sender.clone();
+        async move {
+            let request = hyper::Request::get(format!("http://t/sse/environments/cap_{i}/stream"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            sender.send_request(request).await.expect("response")
+        }
+    };
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(
+            tokio::time::timeout(Duration::from_secs(5), open(i))
+                .await
+                .expect("within the cap"),
+        );
+    }
+    // The server's SETTINGS allow five: a sixth waits until one of them closes.
+    let sixth = tokio::spawn(open(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sixth.is_finished(),
+        "a sixth stream was served past the cap of five"
+    );
+    held.pop();
+    let response = tokio::time::timeout(Duration::from_secs(5), sixth)
+        .await
+        .expect("served once a stream closed")
+        .expect("task");
+    assert_eq!(response.status(), 200);
+}
