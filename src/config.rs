@@ -17,6 +17,11 @@ pub struct Config {
     #[arg(value_parser = ["serve"], default_value = "serve", hide_default_value = true)]
     pub command: String,
 
+    /// Where updates are stored: `nats` (JetStream; any number of instances) or `memory`
+    /// (in this process only: one instance, no NATS, updates lost on restart).
+    #[arg(long, env = "BROKER", value_enum, default_value = "nats")]
+    pub broker: BrokerKind,
+
     /// URL of a NATS server, or several separated by commas. May carry credentials:
     /// `nats://user:pass@host:4222` or `nats://token@host:4222`.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -95,6 +100,12 @@ pub struct Config {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: tracing::Level,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerKind {
+    Nats,
+    Memory,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -9,6 +9,7 @@ pub mod environment;
 pub mod h1_stream;
 pub mod http;
 pub mod hub;
+pub mod memory_broker;
 pub mod metrics;
 pub mod server;
 pub mod sse;

@@ -18,11 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::broker::{BrokerError, NatsBroker, NatsSettings, redact};
-use crate::config::{Config, ConfigError};
+use crate::broker::{Broker, BrokerError, NatsBroker, NatsSettings, redact};
+use crate::config::{BrokerKind, Config, ConfigError};
 use crate::h1_stream::{self, Prefixed, Sniffed};
 use crate::http::{AppState, Settings, handle};
 use crate::hub::Hub;
+use crate::memory_broker::MemoryBroker;
 use crate::metrics::{LastWrite, Metrics};
 
 /// Reconnect storms arrive all at once; tokio's default backlog of 128 would drop SYNs.
@@ -76,18 +77,23 @@ impl Server {
 
         let hub = Arc::new(Hub::new(config.nats_stream_max_age));
         let metrics = Arc::new(Metrics::default());
-        let broker = NatsBroker::start(
-            NatsSettings {
-                url: config.nats_url.clone(),
-                stream: config.nats_stream.clone(),
-                max_age: config.nats_stream_max_age,
-                replicas: config.nats_stream_replicas,
-                timeout: config.nats_timeout,
-            },
-            hub.clone(),
-            metrics.clone(),
-        )
-        .await?;
+        let broker: Arc<dyn Broker> = match config.broker {
+            BrokerKind::Nats => {
+                NatsBroker::start(
+                    NatsSettings {
+                        url: config.nats_url.clone(),
+                        stream: config.nats_stream.clone(),
+                        max_age: config.nats_stream_max_age,
+                        replicas: config.nats_stream_replicas,
+                        timeout: config.nats_timeout,
+                    },
+                    hub.clone(),
+                    metrics.clone(),
+                )
+                .await?
+            }
+            BrokerKind::Memory => MemoryBroker::new(hub.clone()),
+        };
         let max_subscribers = match config.max_subscribers {
             0 => default_max_subscribers(),
             n => n,
@@ -129,6 +135,7 @@ impl Server {
         info!(
             listen = %listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?,
             tls = tls.is_some(),
+            broker = ?config.broker,
             nats_url = %redact(&config.nats_url),
             stream = %config.nats_stream,
             max_age = ?config.nats_stream_max_age,

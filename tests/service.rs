@@ -608,3 +608,31 @@ async fn a_nats_that_lost_its_store_is_repopulated_and_nothing_is_missed() {
         b.log()
     );
 }
+
+#[tokio::test]
+async fn the_memory_broker_serves_one_instance_without_nats() {
+    // Nothing listens on port 1: with BROKER=memory the service must not need it.
+    let svc = Service::start_with("nats://127.0.0.1:1", &[("BROKER", "memory")]);
+    svc.wait_readyz(200, Duration::from_secs(5)).await;
+    let mut early = svc.subscribe(KEY).await;
+    let stored = svc.publish(KEY, "\"2025-07-14T13:49:43.123456Z\"").await;
+    assert_eq!(stored.json()["status"], "stored", "{}", stored.body);
+    assert_eq!(early.next_update(5 * SECOND).await, Some(1752500983.123456));
+    let older = svc.publish(KEY, "100.0").await;
+    assert_eq!(older.json()["status"], "already_current", "{}", older.body);
+    let mut late = svc.subscribe(KEY).await;
+    assert_eq!(late.next_update(5 * SECOND).await, Some(1752500983.123456));
+    let mut h2 = Sse::connect_h2c(svc.addr, KEY).await;
+    assert_eq!(h2.next_update(5 * SECOND).await, Some(1752500983.123456));
+    assert_eq!(
+        post(
+            svc.addr,
+            &format!("/sse/environments/{KEY}/queue-change"),
+            Some("bad"),
+            "{}"
+        )
+        .await
+        .status,
+        401
+    );
+}
