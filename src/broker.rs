@@ -123,6 +123,7 @@ impl NatsBroker {
         let event_metrics = metrics.clone();
         let stream_check = Arc::new(Notify::new());
         let reconnected = stream_check.clone();
+        let connected_before = Arc::new(AtomicBool::new(false));
         let options = options
             .name("flagsmith-sse")
             .retry_on_initial_connect()
@@ -132,6 +133,10 @@ impl NatsBroker {
             .event_callback(move |event| {
                 if matches!(event, Event::Connected) {
                     reconnected.notify_one();
+                    // The first Connected is the initial connection, not a reconnect.
+                    if connected_before.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        event_metrics.nats_reconnected();
+                    }
                 }
                 let metrics = event_metrics.clone();
                 async move { log_event(&metrics, event) }

@@ -164,12 +164,12 @@ where
             return;
         };
         let message = outgoing.message();
-        let bytes = match outgoing {
-            Outgoing::Event { chunk, .. } => chunk,
+        let bytes = match &outgoing {
+            Outgoing::Event { chunk, .. } => chunk.clone(),
             Outgoing::Keepalive => KEEPALIVE_CHUNK,
         };
         match tokio::time::timeout(write_timeout, io.write_all(&bytes)).await {
-            Ok(Ok(())) => subscriber.wrote(message),
+            Ok(Ok(())) => subscriber.wrote(&outgoing),
             // A failed write, or a client that stopped reading for the whole timeout.
             _ => {
                 subscriber.write_failed(message);

@@ -254,9 +254,13 @@ where
         Some(Route::QueueChange(key)) if method == Method::POST => {
             let key = key.to_owned();
             return Either::Right(Box::pin(async move {
+                let started = std::time::Instant::now();
                 let response = queue_change(&state, &key, request)
                     .await
                     .unwrap_or_else(ApiError::into_response);
+                state
+                    .metrics
+                    .queue_change_answered(response.status().as_u16(), started.elapsed());
                 Ok(with_cors(response))
             }));
         }

@@ -4,15 +4,18 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use flagsmith_sse::config::Config;
+use flagsmith_sse::config::{Config, LogFormat};
 use flagsmith_sse::server::Server;
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_max_level(config.log_level)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     match flagsmith_sse::server::raise_open_file_limit() {
         Ok((before, soft, hard)) => {
             tracing::info!(soft_before = before, soft, hard, "open-file limit");

@@ -84,6 +84,67 @@ impl NatsOp {
     }
 }
 
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A Prometheus histogram of durations, lock-free: one counter per bucket (not cumulative
+/// here; summed at render time), a sum in microseconds and a count.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        let index = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[index].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.buckets[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+/// The `status` label values of queue-change: every code it answers, and `other`.
+const STATUSES: [&str; 9] = [
+    "200", "400", "401", "404", "405", "408", "413", "503", "other",
+];
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     subscribers: AtomicI64,
@@ -92,6 +153,10 @@ pub struct Metrics {
     http_errors: [AtomicU64; 3],
     http_writes: [AtomicU64; 3],
     nats_errors: [AtomicU64; 7],
+    nats_reconnects: AtomicU64,
+    /// From the update being stored (JetStream's time) to its event written to a subscriber.
+    delivery_latency: Histogram,
+    queue_change_duration: [Histogram; STATUSES.len()],
 }
 
 /// Values that live elsewhere, sampled at render time.
@@ -133,6 +198,23 @@ impl Metrics {
 
     pub fn nats_error(&self, op: NatsOp) {
         self.nats_errors[op as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn nats_reconnected(&self) {
+        self.nats_reconnects.fetch_add(1, Relaxed);
+    }
+
+    pub fn delivered(&self, since_stored: std::time::Duration) {
+        self.delivery_latency.observe(since_stored);
+    }
+
+    pub fn queue_change_answered(&self, status: u16, elapsed: std::time::Duration) {
+        let code = status.to_string();
+        let index = STATUSES
+            .iter()
+            .position(|s| *s == code)
+            .unwrap_or(STATUSES.len() - 1);
+        self.queue_change_duration[index].observe(elapsed);
     }
 
     pub fn nats_errors(&self, op: NatsOp) -> u64 {
@@ -214,8 +296,82 @@ impl Metrics {
             u8::from(gauges.nats_connected),
             u8::from(gauges.ready),
         );
+        let _ = writeln!(
+            out,
+            "# HELP flagsmith_sse_nats_reconnects_total Times the NATS connection was re-established.\n\
+             # TYPE flagsmith_sse_nats_reconnects_total counter\n\
+             flagsmith_sse_nats_reconnects_total {}",
+            self.nats_reconnects.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP flagsmith_sse_delivery_latency_seconds From an update being stored to its event written to a subscriber.\n\
+             # TYPE flagsmith_sse_delivery_latency_seconds histogram"
+        );
+        self.delivery_latency
+            .render(&mut out, "flagsmith_sse_delivery_latency_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP flagsmith_sse_queue_change_duration_seconds queue-change requests, by response status.\n\
+             # TYPE flagsmith_sse_queue_change_duration_seconds histogram"
+        );
+        for (i, status) in STATUSES.iter().enumerate() {
+            self.queue_change_duration[i].render(
+                &mut out,
+                "flagsmith_sse_queue_change_duration_seconds",
+                &format!("status=\"{status}\""),
+            );
+        }
+        render_process(&mut out);
         out
     }
+}
+
+/// The standard process metrics, read from /proc/self at scrape time (Linux).
+fn render_process(out: &mut String) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // USER_HZ is 100 on the platforms we run on.
+    let cpu_seconds = (ticks(11) + ticks(12)) / 100.0;
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let max_fds = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or("0");
+    let _ = writeln!(
+        out,
+        "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+         # TYPE process_resident_memory_bytes gauge\n\
+         process_resident_memory_bytes {}\n\
+         # HELP process_open_fds Number of open file descriptors.\n\
+         # TYPE process_open_fds gauge\n\
+         process_open_fds {open_fds}\n\
+         # HELP process_max_fds Maximum number of open file descriptors.\n\
+         # TYPE process_max_fds gauge\n\
+         process_max_fds {max_fds}\n\
+         # HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
+         # TYPE process_cpu_seconds_total counter\n\
+         process_cpu_seconds_total {cpu_seconds}",
+        rss_kib * 1024
+    );
 }
 
 #[cfg(test)]
@@ -232,6 +388,9 @@ mod tests {
         metrics.http_write(Message::Data);
         metrics.http_error(Message::Keepalive);
         metrics.nats_error(NatsOp::CreateJetstream);
+        metrics.delivered(std::time::Duration::from_millis(7));
+        metrics.delivered(std::time::Duration::from_secs(60));
+        metrics.queue_change_answered(503, std::time::Duration::from_millis(3));
         let text = metrics.render(&Gauges {
             environments: 3,
             max_subscribers: 2,
@@ -252,6 +411,12 @@ mod tests {
             "flagsmith_sse_environments 3",
             "flagsmith_sse_nats_connected 1",
             "flagsmith_sse_ready 0",
+            "flagsmith_sse_nats_reconnects_total 0",
+            "flagsmith_sse_delivery_latency_seconds_bucket{le=\"0.01\"} 1",
+            "flagsmith_sse_delivery_latency_seconds_bucket{le=\"+Inf\"} 2",
+            "flagsmith_sse_delivery_latency_seconds_count 2",
+            "flagsmith_sse_queue_change_duration_seconds_bucket{status=\"503\",le=\"+Inf\"} 1",
+            "flagsmith_sse_queue_change_duration_seconds_count{status=\"200\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

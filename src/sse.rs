@@ -25,10 +25,13 @@ pub const KEEPALIVE_CHUNK: Bytes = Bytes::from_static(b"d\r\n: keepalive\n\n\r\n
 
 /// What to write next.
 pub enum Outgoing {
-    /// An event: the bare bytes and the same as an HTTP/1.1 chunk (shared, not copied).
+    /// An event: the bare bytes and the same as an HTTP/1.1 chunk (shared, not copied),
+    /// and when the update was stored, for the delivery-latency histogram (`None` for the
+    /// event sent on connect, which is not a delivery of something new).
     Event {
         event: Bytes,
         chunk: Bytes,
+        stored_at: Option<SystemTime>,
     },
     Keepalive,
 }
@@ -48,6 +51,8 @@ pub struct Subscriber {
     seen: Option<Timestamp>,
     /// When the stream last wrote anything.
     wrote_at: Instant,
+    /// Updates stored before this were not delivered as news (they are the on-connect one).
+    connected_at: SystemTime,
     /// Fires at or before the next keep-alive (or the moment to leave when draining).
     /// Re-armed only when it fires, not on every write: moving a timer costs two
     /// timer-wheel operations, per subscriber per update.
@@ -83,6 +88,7 @@ impl Subscriber {
             subscription,
             seen: None,
             wrote_at: now,
+            connected_at: SystemTime::now(),
             timer: Box::pin(tokio::time::sleep_until(now + state.settings.keepalive)),
             leave_at: None,
             serial,
@@ -99,8 +105,19 @@ impl Subscriber {
         self.state.settings.drain_window.mul_f64(fraction)
     }
 
-    /// Counts a write of `message` (and remembers it for labelling a later failure).
-    pub fn wrote(&self, message: Message) {
+    /// Counts a write of `outgoing` (and remembers it for labelling a later failure).
+    pub fn wrote(&self, outgoing: &Outgoing) {
+        let message = outgoing.message();
+        if let Outgoing::Event {
+            stored_at: Some(stored_at),
+            ..
+        } = outgoing
+        {
+            let elapsed = SystemTime::now()
+                .duration_since(*stored_at)
+                .unwrap_or_default();
+            self.state.metrics.delivered(elapsed);
+        }
         self.state.metrics.http_write(message);
         if let Some(last) = &self.last_write {
             last.record(message);
@@ -121,7 +138,18 @@ impl Subscriber {
                 let latest = self.subscription.borrow_and_update();
                 let newer = latest
                     .newer_than(self.seen, SystemTime::now(), self.state.hub.retention())
-                    .map(|timestamp| (timestamp, latest.event.clone(), latest.chunk.clone()));
+                    .map(|timestamp| {
+                        let stored_at = latest
+                            .update
+                            .map(|u| u.stored_at)
+                            .filter(|at| *at >= self.connected_at);
+                        (
+                            timestamp,
+                            latest.event.clone(),
+                            latest.chunk.clone(),
+                            stored_at,
+                        )
+                    });
                 (newer, latest.draining)
             };
             if draining && self.leave_at.is_none() {
@@ -131,10 +159,14 @@ impl Subscriber {
                     self.timer.as_mut().reset(leave_at);
                 }
             }
-            if let Some((timestamp, event, chunk)) = newer {
+            if let Some((timestamp, event, chunk, stored_at)) = newer {
                 self.seen = Some(timestamp);
                 self.wrote_at = Instant::now();
-                return Some(Outgoing::Event { event, chunk });
+                return Some(Outgoing::Event {
+                    event,
+                    chunk,
+                    stored_at,
+                });
             }
             tokio::select! {
                 changed = self.subscription.changed() => {
@@ -171,7 +203,7 @@ pub fn event_stream(
 ) -> impl Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
     futures_util::stream::unfold(subscriber, |mut sub| async move {
         let outgoing = sub.next().await?;
-        sub.wrote(outgoing.message());
+        sub.wrote(&outgoing);
         let bytes = match outgoing {
             Outgoing::Event { event, .. } => event,
             Outgoing::Keepalive => KEEPALIVE,

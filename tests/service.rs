@@ -636,3 +636,36 @@ async fn the_memory_broker_serves_one_instance_without_nats() {
         401
     );
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_effective_configuration() {
+    let svc = Service::start_with(
+        "nats://secret-token@127.0.0.1:1",
+        &[
+            ("BROKER", "memory"),
+            ("LOG_FORMAT", "json"),
+            ("LOG_LEVEL", "info"),
+        ],
+    );
+    svc.wait_readyz(200, Duration::from_secs(5)).await;
+    let log = svc.log();
+    let objects: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let start = objects
+        .iter()
+        .find(|o| o["message"] == "flagsmith-sse starting")
+        .unwrap_or_else(|| panic!("no start-up line:\n{log}"));
+    assert_eq!(start["broker"], "Memory");
+    assert!(start["max_subscribers"].is_number(), "{start}");
+    assert!(
+        !log.contains("secret-token"),
+        "a secret reached the log:\n{log}"
+    );
+    assert!(
+        !log.contains(TOKEN),
+        "the SSE token reached the log:\n{log}"
+    );
+}
