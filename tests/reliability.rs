@@ -144,12 +144,7 @@ async fn with_nats_down_streams_stay_open_with_keepalives_and_heal() {
     assert!(!tracker.ended());
     nats.restart();
     svc.wait_ready().await;
-    eventually(Duration::from_secs(20), "publish after recovery", || true).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while svc.publish("env", "6.5").await.status != 200 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    svc.publish_until_ok("env", "6.5").await;
     eventually(Duration::from_secs(10), "update after recovery", || {
         tracker.last() == Some(6.5)
     })
@@ -218,19 +213,11 @@ async fn sigterm_turns_unready_finishes_requests_and_spreads_stream_ends() {
         "in-flight queue-change: {response:?}"
     );
 
+    // When each stream ended, as seen by polling every 20 ms.
     let mut ended_at = Vec::new();
     while ended_at.len() < trackers.len() {
-        for t in &trackers {
-            if t.ended() && ended_at.len() < trackers.len() {
-                let _ = t;
-            }
-        }
         let done = trackers.iter().filter(|t| t.ended()).count();
-        if done > ended_at.len() {
-            for _ in ended_at.len()..done {
-                ended_at.push(started.elapsed());
-            }
-        }
+        ended_at.resize(done.max(ended_at.len()), started.elapsed());
         assert!(
             started.elapsed() < Duration::from_secs(6),
             "streams did not all end: {done}"
@@ -345,22 +332,17 @@ async fn a_subscriber_that_never_reads_is_dropped_and_costs_the_others_nothing()
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
     // The stuck one is dropped once its socket stayed full past the write timeout.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let body = get(svc.addr, "/metricsz").await.body;
-        if gauge(&body) == "flagsmith_sse_subscribers 1" {
-            assert!(
-                !body.contains("flagsmith_sse_http_errors_total{message=\"data\"} 0"),
-                "{body}"
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stuck subscriber never dropped:\n{body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_async(
+        Duration::from_secs(10),
+        "the stuck subscriber to be dropped",
+        async || gauge(&get(svc.addr, "/metricsz").await.body) == "flagsmith_sse_subscribers 1",
+    )
+    .await;
+    let body = get(svc.addr, "/metricsz").await.body;
+    assert!(
+        !body.contains("flagsmith_sse_http_errors_total{message=\"data\"} 0"),
+        "the dropped subscriber's failed write is not counted:\n{body}"
+    );
 }
 
 #[tokio::test]
@@ -395,18 +377,12 @@ async fn the_subscriber_cap_refuses_with_503_and_serves_the_rest() {
         "{metrics}"
     );
     trackers.pop();
-    eventually(Duration::from_secs(5), "a place frees up", || true).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        if svc.subscribe("env").await.status == 200 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no place after one left"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_async(
+        Duration::from_secs(5),
+        "a place after one left",
+        async || svc.subscribe("env").await.status == 200,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -442,19 +418,16 @@ async fn the_open_file_limit_is_raised_and_running_out_neither_kills_nor_spins()
         svc.log()
     );
     drop(held);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(resp) = try_get(svc.addr, "/livez").await
-            && resp.status == 200
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "did not recover from EMFILE"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_async(
+        Duration::from_secs(10),
+        "recovery from EMFILE",
+        async || {
+            try_get(svc.addr, "/livez")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

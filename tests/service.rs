@@ -154,20 +154,7 @@ async fn a_nats_restart_heals_without_subscribers_reconnecting() {
 
     nats.restart();
     svc.wait_ready().await;
-    // The first posts after recovery may race the reconnect; the task processor retries.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let resp = svc.publish(KEY, "3.0").await;
-        if resp.status == 200 {
-            break;
-        }
-        assert_eq!(resp.status, 503, "{}", resp.body);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "publish never recovered"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    svc.publish_until_ok(KEY, "3.0").await;
     assert_eq!(
         sse.next_update(10 * SECOND).await,
         Some(3.0),
@@ -357,18 +344,15 @@ async fn metrics_count_subscribers_and_writes() {
         0.0
     );
     drop(one);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let body = get(svc.addr, "/metricsz").await.body;
-        if body.lines().any(|l| l == "flagsmith_sse_subscribers 1") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gauge did not drop:\n{body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_async(
+        Duration::from_secs(5),
+        "the gauge to drop to 1",
+        async || {
+            let body = get(svc.addr, "/metricsz").await.body;
+            body.lines().any(|l| l == "flagsmith_sse_subscribers 1")
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -459,15 +443,12 @@ async fn failed_writes_are_counted_but_clients_hanging_up_are_not() {
     let tcp = open(svc.addr).await;
     tcp.set_zero_linger().expect("linger");
     drop(tcp);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while errors(&get(svc.addr, "/metricsz").await.body) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "reset not counted:\n{}",
-            svc.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_async(
+        Duration::from_secs(5),
+        "the reset to be counted",
+        async || errors(&get(svc.addr, "/metricsz").await.body) > 0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -586,21 +567,8 @@ async fn a_nats_that_lost_its_store_is_repopulated_and_nothing_is_missed() {
     nats.restart_empty();
     a.wait_ready().await;
     b.wait_ready().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let resp = a.publish("fresh", "100.5").await;
-        if resp.status == 200 {
-            assert_eq!(resp.json()["status"], "stored", "{}", resp.body);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never stored: {}\n{}",
-            resp.body,
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let resp = a.publish_until_ok("fresh", "100.5").await;
+    assert_eq!(resp.json()["status"], "stored", "{}", resp.body);
     assert_eq!(
         on_b.next_update(10 * SECOND).await,
         Some(100.5),

@@ -585,6 +585,37 @@ pub async fn eventually(within: Duration, what: &str, mut check: impl FnMut() ->
     }
 }
 
+/// Polls the async `check` until it holds or `within` passes.
+pub async fn eventually_async(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Service {
+    /// POSTs `updated_at` until it is answered 200, allowing only 503s before (the first
+    /// posts after a NATS recovery may race the reconnect; the task processor retries too).
+    pub async fn publish_until_ok(&self, key: &str, updated_at: &str) -> Resp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let resp = self.publish(key, updated_at).await;
+            if resp.status == 200 {
+                return resp;
+            }
+            assert_eq!(resp.status, 503, "{}", resp.body);
+            assert!(
+                Instant::now() < deadline,
+                "never stored: {}\n{}",
+                resp.body,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 pub fn kill(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
