@@ -80,6 +80,10 @@ async fn send(
     )
 }
 
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path).body(Full::default()).expect("request")
+}
+
 const PATH: &str = "/sse/environments/n9fbf9h3v4fFgH3U3ngWhb/queue-change";
 const BODY: &str = r#"{"updated_at": "2025-07-14T13:49:43.123456+00:00"}"#;
 
@@ -204,11 +208,7 @@ async fn queue_change_answers_503_with_retry_after_when_the_broker_is_down() {
     let (status, headers, text) = send(&state, post(PATH, Some("Token s3cret"), BODY)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert_eq!(headers["retry-after"], "1");
-    let (status, _, _) = send(
-        &state,
-        Request::get("/readyz").body(Full::default()).expect("req"),
-    )
-    .await;
+    let (status, _, _) = send(&state, get("/readyz")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
@@ -224,26 +224,14 @@ async fn health_aliases_and_shutdown() {
         "/health/readiness",
         "/health/readiness/",
     ] {
-        let (status, headers, _) = send(
-            &state,
-            Request::get(path).body(Full::default()).expect("req"),
-        )
-        .await;
+        let (status, headers, _) = send(&state, get(path)).await;
         assert_eq!(status, StatusCode::OK, "{path}");
         assert_eq!(headers["access-control-allow-origin"], "*");
     }
     state.begin_shutdown();
-    let (status, _, _) = send(
-        &state,
-        Request::get("/readyz").body(Full::default()).expect("req"),
-    )
-    .await;
+    let (status, _, _) = send(&state, get("/readyz")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    let (status, _, _) = send(
-        &state,
-        Request::get("/livez").body(Full::default()).expect("req"),
-    )
-    .await;
+    let (status, _, _) = send(&state, get("/livez")).await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -290,11 +278,7 @@ async fn preflight_allows_authorization_from_any_origin() {
 #[tokio::test]
 async fn wrong_methods_and_unknown_paths() {
     let (state, _) = state();
-    let (status, headers, _) = send(
-        &state,
-        Request::get(PATH).body(Full::default()).expect("req"),
-    )
-    .await;
+    let (status, headers, _) = send(&state, get(PATH)).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(headers["allow"], "POST, OPTIONS");
     let (status, _, _) = send(
@@ -309,21 +293,11 @@ async fn wrong_methods_and_unknown_paths() {
         "/sse/environments/k",
         "/sse/environments/k/other",
     ] {
-        let (status, _, text) = send(
-            &state,
-            Request::get(path).body(Full::default()).expect("req"),
-        )
-        .await;
+        let (status, _, text) = send(&state, get(path)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
         assert!(text.contains("not_found"));
     }
-    let (status, _, text) = send(
-        &state,
-        Request::get("/sse/environments/a.b/stream")
-            .body(Full::default())
-            .expect("req"),
-    )
-    .await;
+    let (status, _, text) = send(&state, get("/sse/environments/a.b/stream")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
 }
 
@@ -338,14 +312,9 @@ async fn stream_sends_latest_on_connect_then_only_newer() {
         stored_at: SystemTime::now(),
     };
     state.hub.apply("env", at(1_000_000));
-    let response = handle(
-        state.clone(),
-        Request::get("/sse/environments/env/stream")
-            .body(Full::default())
-            .expect("req"),
-    )
-    .await
-    .expect("infallible");
+    let response = handle(state.clone(), get("/sse/environments/env/stream"))
+        .await
+        .expect("infallible");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     assert_eq!(response.headers()["cache-control"], "no-cache");
@@ -379,14 +348,9 @@ async fn stream_sends_latest_on_connect_then_only_newer() {
 #[tokio::test(start_paused = true)]
 async fn stream_sends_keepalives_in_silence() {
     let (state, _) = state();
-    let response = handle(
-        state.clone(),
-        Request::get("/sse/environments/env/stream")
-            .body(Full::default())
-            .expect("req"),
-    )
-    .await
-    .expect("infallible");
+    let response = handle(state.clone(), get("/sse/environments/env/stream"))
+        .await
+        .expect("infallible");
     let mut body = response.into_body();
     let started = tokio::time::Instant::now();
     let frame = body.frame().await.expect("frame").expect("infallible");
@@ -421,11 +385,7 @@ async fn per_stream_state_stays_small() {
 #[tokio::test]
 async fn the_subscriber_cap_answers_503_with_retry_after() {
     let (state, _) = state();
-    let stream = || {
-        Request::get("/sse/environments/env/stream")
-            .body(Full::default())
-            .expect("req")
-    };
+    let stream = || get("/sse/environments/env/stream");
     let mut held = Vec::new();
     for _ in 0..3 {
         let response = handle(state.clone(), stream()).await.expect("infallible");
@@ -446,14 +406,9 @@ async fn draining_ends_streams_within_the_window() {
     let (state, _) = state();
     let mut bodies = Vec::new();
     for _ in 0..3 {
-        let response = handle(
-            state.clone(),
-            Request::get("/sse/environments/env/stream")
-                .body(Full::default())
-                .expect("req"),
-        )
-        .await
-        .expect("infallible");
+        let response = handle(state.clone(), get("/sse/environments/env/stream"))
+            .await
+            .expect("infallible");
         bodies.push(response.into_body());
     }
     let started = tokio::time::Instant::now();

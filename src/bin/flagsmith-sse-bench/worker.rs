@@ -232,6 +232,13 @@ fn client_socket(source: IpAddr) -> std::io::Result<TcpSocket> {
     Ok(socket)
 }
 
+/// A connection from `source` to the service, Nagle off (events are small).
+async fn connect(source: IpAddr, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = client_socket(source)?.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 async fn h1_subscriber(
     args: &WorkerArgs,
     source: IpAddr,
@@ -240,9 +247,7 @@ async fn h1_subscriber(
     permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
     done: &tokio::sync::mpsc::UnboundedSender<usize>,
 ) -> anyhow::Result<()> {
-    let socket = client_socket(source)?;
-    let mut tcp = socket.connect(args.addr).await?;
-    tcp.set_nodelay(true)?;
+    let mut tcp = connect(source, args.addr).await?;
     let request = format!(
         "GET /sse/environments/{}/stream HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
         env_of(args, index),
@@ -306,9 +311,7 @@ async fn h2_connection(
     permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
     done: &tokio::sync::mpsc::UnboundedSender<usize>,
 ) -> anyhow::Result<()> {
-    let socket = client_socket(source)?;
-    let tcp = socket.connect(args.addr).await?;
-    tcp.set_nodelay(true)?;
+    let tcp = connect(source, args.addr).await?;
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(64 * 1024)
         .max_concurrent_reset_streams(0)
