@@ -324,6 +324,7 @@ fn health(state: &AppState, status: StatusCode, text: &'static str) -> Response<
 fn metrics(state: &AppState) -> Response<Body> {
     let text = state.metrics.render(&Gauges {
         environments: state.hub.len(),
+        environments_subscribed: state.hub.subscribed(),
         max_subscribers: state.settings.max_subscribers,
         nats_connected: state.broker.is_connected(),
         ready: state.is_ready(),

@@ -224,6 +224,15 @@ impl Hub {
         inner.environments.clear();
     }
 
+    /// Environments that have at least one subscriber here.
+    pub fn subscribed(&self) -> usize {
+        self.lock()
+            .environments
+            .values()
+            .filter(|slot| slot.receiver_count() > 0)
+            .count()
+    }
+
     /// Environments held (with subscribers or a fresh update).
     pub fn len(&self) -> usize {
         self.lock().environments.len()

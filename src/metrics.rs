@@ -162,6 +162,7 @@ pub struct Metrics {
 /// Values that live elsewhere, sampled at render time.
 pub struct Gauges {
     pub environments: usize,
+    pub environments_subscribed: usize,
     pub max_subscribers: usize,
     pub nats_connected: bool,
     pub ready: bool,
@@ -286,6 +287,9 @@ impl Metrics {
             "# HELP flagsmith_sse_environments Environments held in memory (subscribed or recently updated).\n\
              # TYPE flagsmith_sse_environments gauge\n\
              flagsmith_sse_environments {}\n\
+             # HELP flagsmith_sse_environments_subscribed Environments with at least one subscriber here.\n\
+             # TYPE flagsmith_sse_environments_subscribed gauge\n\
+             flagsmith_sse_environments_subscribed {}\n\
              # HELP flagsmith_sse_nats_connected Whether the NATS connection is up (1) or not (0).\n\
              # TYPE flagsmith_sse_nats_connected gauge\n\
              flagsmith_sse_nats_connected {}\n\
@@ -293,6 +297,7 @@ impl Metrics {
              # TYPE flagsmith_sse_ready gauge\n\
              flagsmith_sse_ready {}",
             gauges.environments,
+            gauges.environments_subscribed,
             u8::from(gauges.nats_connected),
             u8::from(gauges.ready),
         );
@@ -393,6 +398,7 @@ mod tests {
         metrics.queue_change_answered(503, std::time::Duration::from_millis(3));
         let text = metrics.render(&Gauges {
             environments: 3,
+            environments_subscribed: 1,
             max_subscribers: 2,
             nats_connected: true,
             ready: false,
@@ -409,6 +415,7 @@ mod tests {
             "flagsmith_sse_nats_errors_total{operation=\"create_jetstream\"} 1",
             "flagsmith_sse_nats_errors_total{operation=\"ack\"} 0",
             "flagsmith_sse_environments 3",
+            "flagsmith_sse_environments_subscribed 1",
             "flagsmith_sse_nats_connected 1",
             "flagsmith_sse_ready 0",
             "flagsmith_sse_nats_reconnects_total 0",

@@ -548,6 +548,10 @@ async fn thousands_of_environments_on_one_http2_connection() {
     assert_eq!(ok, 3000);
     let metrics = get(svc.addr, "/metricsz").await.body;
     assert!(
+        metrics.contains("flagsmith_sse_environments_subscribed 3001"),
+        "{metrics}"
+    );
+    assert!(
         metrics.contains("flagsmith_sse_environments 3001"),
         "{metrics}"
     );
