@@ -45,7 +45,7 @@ pub enum ServerError {
     Broker(#[from] BrokerError),
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind { addr: SocketAddr, source: io::Error },
 }
 
