@@ -163,9 +163,10 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then drains: `/readyz` turns 503, the listener
-    /// closes, every stream ends (clients reconnect elsewhere), and connections get up to
-    /// the shutdown timeout to finish what they were doing.
+    /// Serves until `shutdown` resolves, then drains: `/readyz` turns 503 and new streams
+    /// are refused at once; streams end at moments spread over the drain window (their
+    /// clients reconnect elsewhere a few at a time); then the listener closes, whatever
+    /// still streams is ended, and the process returns by the shutdown timeout.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Server {
             listener,
@@ -179,8 +180,9 @@ impl Server {
         let closing = CancellationToken::new();
         let sweeper = tokio::spawn(sweep(state.clone()));
         tokio::pin!(shutdown);
-        // Set at shutdown: until then the listener stays open, so probes see /readyz say
-        // 503 (not a refused connection) and queue-change keeps working while streams drain.
+        // Set at shutdown to the end of the drain window. The listener stays open until then,
+        // so probes see /readyz say 503 (not a refused connection) and queue-change keeps
+        // working while streams drain.
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut deadline = tokio::time::Instant::now();
         loop {
