@@ -82,8 +82,9 @@ pub struct Config {
     #[arg(long, env = "STREAM_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub stream_write_timeout: Duration,
 
-    /// Most subscribers this instance holds; more get 503 with Retry-After. 0: the open-file
-    /// limit less 256 for NATS, probes and queue-change.
+    /// Most subscribers this instance holds; more get 503 with Retry-After. 0: HTTP/1.1
+    /// subscribers (a socket each) up to the open-file limit less 256 for NATS, probes and
+    /// queue-change, and HTTP/2 streams bounded only per connection.
     #[arg(long, env = "MAX_SUBSCRIBERS", default_value_t = 0)]
     pub max_subscribers: usize,
 

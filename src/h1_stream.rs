@@ -126,14 +126,15 @@ where
         return;
     };
     let last_write = Arc::new(LastWrite::new());
-    let mut subscriber = match Subscriber::try_new(state, subscription, Some(last_write.clone())) {
-        Ok(subscriber) => subscriber,
-        Err(_) => {
-            let _ = io.write_all(AT_CAPACITY).await;
-            let _ = io.shutdown().await;
-            return;
-        }
-    };
+    let mut subscriber =
+        match Subscriber::try_new(state, subscription, Some(last_write.clone()), true) {
+            Ok(subscriber) => subscriber,
+            Err(_) => {
+                let _ = io.write_all(AT_CAPACITY).await;
+                let _ = io.shutdown().await;
+                return;
+            }
+        };
     if !matches!(
         tokio::time::timeout(write_timeout, io.write_all(STREAM_HEAD)).await,
         Ok(Ok(()))

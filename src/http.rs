@@ -36,8 +36,10 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 pub struct Settings {
     pub keepalive: Duration,
     pub body_read_timeout: Duration,
-    /// Refuse (503) subscribers beyond this many.
+    /// Refuse (503) subscribers beyond this many in all.
     pub max_subscribers: usize,
+    /// Refuse (503) HTTP/1.1 subscribers, each of which holds a socket, beyond this many.
+    pub max_socket_subscribers: usize,
     /// At shutdown, streams end at moments spread evenly over this window.
     pub drain_window: Duration,
 }
@@ -250,6 +252,7 @@ where
             &state,
             key,
             request.extensions().get::<Arc<LastWrite>>().cloned(),
+            request.version() < http::Version::HTTP_2,
         ),
         Some(Route::QueueChange(key)) if method == Method::POST => {
             let key = key.to_owned();
@@ -325,7 +328,7 @@ fn metrics(state: &AppState) -> Response<Body> {
     let text = state.metrics.render(&Gauges {
         environments: state.hub.len(),
         environments_subscribed: state.hub.subscribed(),
-        max_subscribers: state.settings.max_subscribers,
+        max_subscribers: state.settings.max_socket_subscribers,
         nats_connected: state.broker.is_connected(),
         ready: state.is_ready(),
     });
@@ -340,13 +343,14 @@ fn stream(
     state: &Arc<AppState>,
     key: &str,
     last_write: Option<Arc<LastWrite>>,
+    holds_socket: bool,
 ) -> Result<Response<Body>, ApiError> {
     let key = validate_key(key)?;
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
     let subscription = state.hub.subscribe(key).ok_or(ApiError::ShuttingDown)?;
-    let subscriber = Subscriber::try_new(state.clone(), subscription, last_write)?;
+    let subscriber = Subscriber::try_new(state.clone(), subscription, last_write, holds_socket)?;
     let body = StreamBody::new(event_stream(subscriber));
     let mut response = Response::new(BodyExt::boxed_unsync(body));
     let headers = response.headers_mut();

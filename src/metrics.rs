@@ -148,6 +148,9 @@ const STATUSES: [&str; 9] = [
 #[derive(Debug, Default)]
 pub struct Metrics {
     subscribers: AtomicI64,
+    /// Subscribers that hold a socket of their own (HTTP/1.1), the ones the open-file limit
+    /// bounds; HTTP/2 streams share their connection's.
+    socket_subscribers: AtomicI64,
     subscribers_total: AtomicU64,
     subscribers_rejected: AtomicU64,
     http_errors: [AtomicU64; 3],
@@ -169,20 +172,41 @@ pub struct Gauges {
 }
 
 impl Metrics {
-    /// Counts a new subscriber unless `max` are connected already. Returns its serial
-    /// number (how many came before it), which spreads the ends of streams at shutdown.
-    pub fn try_subscriber_connected(&self, max: usize) -> Option<u64> {
-        let before = self.subscribers.fetch_add(1, Relaxed);
-        if before >= max as i64 {
-            self.subscribers.fetch_sub(1, Relaxed);
+    /// Counts a new subscriber unless `max` are connected already, or, for one that holds
+    /// a socket of its own, `max_socket` such. Returns its serial number (how many came
+    /// before it), which spreads the ends of streams at shutdown.
+    pub fn try_subscriber_connected(
+        &self,
+        max: usize,
+        holds_socket: bool,
+        max_socket: usize,
+    ) -> Option<u64> {
+        let refuse = |counter: &AtomicI64, cap: usize| {
+            let over = counter.fetch_add(1, Relaxed) >= i64::try_from(cap).unwrap_or(i64::MAX);
+            if over {
+                counter.fetch_sub(1, Relaxed);
+            }
+            over
+        };
+        if holds_socket && refuse(&self.socket_subscribers, max_socket) {
+            self.subscribers_rejected.fetch_add(1, Relaxed);
+            return None;
+        }
+        if refuse(&self.subscribers, max) {
+            if holds_socket {
+                self.socket_subscribers.fetch_sub(1, Relaxed);
+            }
             self.subscribers_rejected.fetch_add(1, Relaxed);
             return None;
         }
         Some(self.subscribers_total.fetch_add(1, Relaxed))
     }
 
-    pub fn subscriber_disconnected(&self) {
+    pub fn subscriber_disconnected(&self, held_socket: bool) {
         self.subscribers.fetch_sub(1, Relaxed);
+        if held_socket {
+            self.socket_subscribers.fetch_sub(1, Relaxed);
+        }
     }
 
     pub fn subscribers(&self) -> i64 {
@@ -240,11 +264,15 @@ impl Metrics {
              # HELP flagsmith_sse_subscribers_rejected_total Subscribers refused with 503 at the cap.\n\
              # TYPE flagsmith_sse_subscribers_rejected_total counter\n\
              flagsmith_sse_subscribers_rejected_total {}\n\
-             # HELP flagsmith_sse_subscribers_max The subscriber cap of this instance.\n\
+             # HELP flagsmith_sse_http1_subscribers Active subscribers holding a socket each (HTTP/1.1).\n\
+             # TYPE flagsmith_sse_http1_subscribers gauge\n\
+             flagsmith_sse_http1_subscribers {}\n\
+             # HELP flagsmith_sse_subscribers_max The cap on HTTP/1.1 subscribers (each holds a socket).\n\
              # TYPE flagsmith_sse_subscribers_max gauge\n\
              flagsmith_sse_subscribers_max {}",
             self.subscribers_total.load(Relaxed),
             self.subscribers_rejected.load(Relaxed),
+            self.socket_subscribers.load(Relaxed),
             gauges.max_subscribers,
         );
         for (name, help, values) in [
@@ -386,10 +414,20 @@ mod tests {
     #[test]
     fn renders_every_spec_metric_with_its_labels() {
         let metrics = Metrics::default();
-        assert_eq!(metrics.try_subscriber_connected(2), Some(0));
-        assert_eq!(metrics.try_subscriber_connected(2), Some(1));
-        assert_eq!(metrics.try_subscriber_connected(2), None);
-        metrics.subscriber_disconnected();
+        // Two socket-holding subscribers at most, three in all.
+        assert_eq!(metrics.try_subscriber_connected(3, true, 2), Some(0));
+        assert_eq!(metrics.try_subscriber_connected(3, true, 2), Some(1));
+        assert_eq!(metrics.try_subscriber_connected(3, true, 2), None);
+        assert_eq!(metrics.try_subscriber_connected(3, false, 2), Some(2));
+        assert_eq!(metrics.try_subscriber_connected(3, false, 2), None);
+        metrics.subscriber_disconnected(true);
+        metrics.subscriber_disconnected(false);
+        // No cap at all (the automatic setting for HTTP/2 streams).
+        let uncapped = Metrics::default();
+        assert_eq!(
+            uncapped.try_subscriber_connected(usize::MAX, false, usize::MAX),
+            Some(0)
+        );
         metrics.http_write(Message::Data);
         metrics.http_error(Message::Keepalive);
         metrics.nats_error(NatsOp::CreateJetstream);
@@ -405,8 +443,9 @@ mod tests {
         });
         for line in [
             "flagsmith_sse_subscribers 1",
-            "flagsmith_sse_subscribers_total 2",
-            "flagsmith_sse_subscribers_rejected_total 1",
+            "flagsmith_sse_http1_subscribers 1",
+            "flagsmith_sse_subscribers_total 3",
+            "flagsmith_sse_subscribers_rejected_total 2",
             "flagsmith_sse_subscribers_max 2",
             "flagsmith_sse_http_writes_total{message=\"data\"} 1",
             "flagsmith_sse_http_writes_total{message=\"keepalive\"} 0",

@@ -94,9 +94,11 @@ impl Server {
             }
             BrokerKind::Memory => MemoryBroker::new(hub.clone()),
         };
-        let max_subscribers = match config.max_subscribers {
-            0 => default_max_subscribers(),
-            n => n,
+        // Automatic: HTTP/1.1 subscribers (a socket each) stop short of the open-file limit;
+        // HTTP/2 streams share their connections' sockets and are bounded per connection.
+        let (max_subscribers, max_socket_subscribers) = match config.max_subscribers {
+            0 => (usize::MAX, default_max_subscribers()),
+            n => (n, n),
         };
         let state = Arc::new(AppState::new(
             hub,
@@ -107,6 +109,7 @@ impl Server {
                 keepalive: config.keepalive_interval,
                 body_read_timeout: config.body_read_timeout,
                 max_subscribers,
+                max_socket_subscribers,
                 drain_window: config.drain_window,
             },
         ));
@@ -141,7 +144,8 @@ impl Server {
             max_age = ?config.nats_stream_max_age,
             replicas = config.nats_stream_replicas,
             keepalive = ?config.keepalive_interval,
-            max_subscribers,
+            max_http1_subscribers = max_socket_subscribers,
+            max_subscribers = (max_subscribers != usize::MAX).then_some(max_subscribers),
             drain_window = ?config.drain_window,
             shutdown_timeout = ?config.shutdown_timeout,
             "flagsmith-sse starting"

@@ -61,6 +61,8 @@ pub struct Subscriber {
     leave_at: Option<Instant>,
     /// This subscriber's number, which places its end within the drain window.
     serial: u64,
+    /// Whether it holds a socket of its own (HTTP/1.1) rather than an HTTP/2 stream.
+    holds_socket: bool,
     state: Arc<AppState>,
     /// The connection's record of what it last wrote, to label a failed write.
     last_write: Option<Arc<LastWrite>>,
@@ -68,7 +70,9 @@ pub struct Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.state.metrics.subscriber_disconnected();
+        self.state
+            .metrics
+            .subscriber_disconnected(self.holds_socket);
     }
 }
 
@@ -78,10 +82,16 @@ impl Subscriber {
         state: Arc<AppState>,
         subscription: Subscription,
         last_write: Option<Arc<LastWrite>>,
+        holds_socket: bool,
     ) -> Result<Self, ApiError> {
+        let settings = &state.settings;
         let serial = state
             .metrics
-            .try_subscriber_connected(state.settings.max_subscribers)
+            .try_subscriber_connected(
+                settings.max_subscribers,
+                holds_socket,
+                settings.max_socket_subscribers,
+            )
             .ok_or(ApiError::TooManySubscribers)?;
         let now = Instant::now();
         Ok(Self {
@@ -92,6 +102,7 @@ impl Subscriber {
             timer: Box::pin(tokio::time::sleep_until(now + state.settings.keepalive)),
             leave_at: None,
             serial,
+            holds_socket,
             state,
             last_write,
         })

@@ -607,3 +607,53 @@ async fn http2_streams_per_connection_are_capped() {
         .expect("task");
     assert_eq!(response.status(), 200);
 }
+
+/// The automatic cap keeps HTTP/1.1 subscribers (a socket each) under the open-file limit,
+/// and leaves HTTP/2 streams, which share their connection's socket, alone.
+#[tokio::test]
+async fn the_automatic_cap_counts_sockets_not_http2_streams() {
+    let svc = Service::start_wrapped(
+        "nats://127.0.0.1:1",
+        "ulimit -n 300;",
+        &[("BROKER", "memory")],
+    );
+    svc.wait_readyz(200, Duration::from_secs(5)).await;
+    let metrics = get(svc.addr, "/metricsz").await.body;
+    assert!(
+        metrics.contains("flagsmith_sse_subscribers_max 64"),
+        "{metrics}"
+    );
+    let tcp = TcpStream::connect(svc.addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2");
+    tokio::spawn(conn);
+    let streams = futures_util::future::join_all((0..150).map(|i| {
+        let mut sender = sender.clone();
+        async move {
+            let request = hyper::Request::get(format!("http://t/sse/environments/h2_{i}/stream"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            sender.send_request(request).await.expect("response")
+        }
+    }))
+    .await;
+    assert!(
+        streams.iter().all(|r| r.status() == 200),
+        "HTTP/2 streams were capped"
+    );
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..70 {
+        let sse = svc.subscribe("h1").await;
+        match sse.status {
+            200 => held.push(sse),
+            503 => refused += 1,
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (64, 6));
+}

@@ -627,7 +627,7 @@ async fn json_logs_are_one_object_per_line_with_the_effective_configuration() {
         .find(|o| o["message"] == "flagsmith-sse starting")
         .unwrap_or_else(|| panic!("no start-up line:\n{log}"));
     assert_eq!(start["broker"], "Memory");
-    assert!(start["max_subscribers"].is_number(), "{start}");
+    assert!(start["max_http1_subscribers"].is_number(), "{start}");
     assert!(
         !log.contains("secret-token"),
         "a secret reached the log:\n{log}"

@@ -50,6 +50,7 @@ fn state() -> (Arc<AppState>, Arc<FakeBroker>) {
             keepalive: Duration::from_secs(15),
             body_read_timeout: Duration::from_secs(1),
             max_subscribers: 3,
+            max_socket_subscribers: 3,
             drain_window: Duration::from_secs(2),
         },
     );
@@ -373,7 +374,8 @@ async fn per_stream_state_stays_small() {
         std::mem::size_of_val(&future)
     );
     let subscription = state.hub.subscribe("x").expect("open");
-    let subscriber = Subscriber::try_new(state.clone(), subscription, None).expect("under the cap");
+    let subscriber =
+        Subscriber::try_new(state.clone(), subscription, None, true).expect("under the cap");
     let body = StreamBody::new(event_stream(subscriber));
     assert!(
         std::mem::size_of_val(&body) <= 768,
