@@ -126,6 +126,9 @@ async function scenario(name, { tls }) {
     // The page's origin (the mock) differs from the service's: CORS is on the path.
     await page.goto(`http://127.0.0.1:${api.port}/?sse=${encodeURIComponent(base + "/")}`);
     await waitFor("the SDK's first fetch", () => api.state.fetches === 1);
+    // The SDK holds the flags (and their X-Flagsmith-Document-Updated-At) once onChange ran;
+    // an event before that would make it fetch whatever the timestamp.
+    await page.waitForFunction(() => (window.changes ?? 0) >= 1, null, { timeout: 10000 });
     await waitFor("the SDK's event stream", () => streamProtocol !== null);
     await sleep(300);
     // Same timestamp as the flags the SDK has: no refetch.
