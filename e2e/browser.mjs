@@ -68,10 +68,24 @@ function startService(extraEnv) {
   return new Promise((resolve, reject) => {
     child.stderr.on("data", (chunk) => {
       log += chunk;
-      const found = /flagsmith-sse listening on (\S+)/.exec(log);
+      const found = /flagsmith-sse listening on (\S+)\n/.exec(log);
       if (found) resolve({ child, addr: found[1], log: () => log });
     });
     child.on("exit", (code) => reject(new Error(`flagsmith-sse exited ${code}:\n${log}`)));
+  });
+}
+
+/// The service's subscriber gauge, read from /metricsz.
+async function subscribers(base) {
+  const { request } = await import(base.startsWith("https") ? "node:https" : "node:http");
+  return new Promise((resolve) => {
+    const req = request(`${base}/metricsz`, { rejectUnauthorized: false }, (res) => {
+      let text = "";
+      res.on("data", (chunk) => (text += chunk));
+      res.on("end", () => resolve(Number(/^flagsmith_sse_subscribers (\d+)$/m.exec(text)?.[1] ?? 0)));
+    });
+    req.on("error", () => resolve(0));
+    req.end();
   });
 }
 
@@ -90,7 +104,7 @@ async function post(base, updatedAt) {
   });
 }
 
-async function waitFor(what, check, ms = 10000) {
+async function waitFor(what, check, ms = 20000) {
   const until = Date.now() + ms;
   while (!(await check())) {
     if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
@@ -115,8 +129,11 @@ async function scenario(name, { tls }) {
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
       "--disable-component-update", "--disable-sync", ...(tls ? ["--ignore-certificate-errors"] : [])],
   });
+  const consoleLines = [];
   try {
     const page = await browser.newPage();
+    page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+    page.on("requestfailed", (r) => consoleLines.push(`request failed: ${r.url()} ${r.failure()?.errorText}`));
     const cdp = await page.context().newCDPSession(page);
     await cdp.send("Network.enable");
     let streamProtocol = null;
@@ -128,8 +145,8 @@ async function scenario(name, { tls }) {
     await waitFor("the SDK's first fetch", () => api.state.fetches === 1);
     // The SDK holds the flags (and their X-Flagsmith-Document-Updated-At) once onChange ran;
     // an event before that would make it fetch whatever the timestamp.
-    await page.waitForFunction(() => (window.changes ?? 0) >= 1, null, { timeout: 10000 });
-    await waitFor("the SDK's event stream", () => streamProtocol !== null);
+    await page.waitForFunction(() => (window.changes ?? 0) >= 1, null, { timeout: 20000 });
+    await waitFor("the SDK's event stream", async () => (await subscribers(base)) >= 1);
     await sleep(300);
     // Same timestamp as the flags the SDK has: no refetch.
     if ((await post(base, 1752500000.5)) !== 200) throw new Error("queue-change refused");
@@ -142,8 +159,11 @@ async function scenario(name, { tls }) {
     const value = await page.evaluate(() => window.flagsmith.getValue("banner"));
     if (value !== "v2") throw new Error(`flags not refreshed: banner=${value}`);
     const want = tls ? "h2" : "http/1.1";
+    await waitFor("the stream's protocol from the browser", () => streamProtocol !== null);
     if (streamProtocol !== want) throw new Error(`stream over ${streamProtocol}, expected ${want}`);
     console.log(`ok - ${name} (stream over ${streamProtocol}, ${api.state.fetches} fetches)`);
+  } catch (err) {
+    throw new Error(`${err.message}\nbrowser console:\n${consoleLines.join("\n")}\nservice log:\n${svc.log().slice(-3000)}`);
   } finally {
     await browser.close();
     svc.child.kill();
@@ -155,7 +175,7 @@ let passed = 0;
 let failed = 0;
 for (const [name, options] of [["HTTP/1.1, cross-origin", { tls: false }], ["HTTP/2 over TLS, cross-origin", { tls: true }]]) {
   try {
-    await Promise.race([scenario(name, options), deadline(60000)]);
+    await Promise.race([scenario(name, options), deadline(90000)]);
     passed += 1;
   } catch (err) {
     failed += 1;

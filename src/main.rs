@@ -39,7 +39,9 @@ fn run(config: Config) -> anyhow::Result<()> {
     let served = runtime.block_on(async {
         let server = Server::bind(&config).await?;
         // Tests and scripts read this line to learn the port when LISTEN_ADDR has port 0.
-        eprintln!("flagsmith-sse listening on {}", server.local_addr()?);
+        // One write, so that no reader ever sees half of the address.
+        let line = format!("flagsmith-sse listening on {}\n", server.local_addr()?);
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         server.serve(shutdown_signal()).await;
         anyhow::Ok(())
     });
