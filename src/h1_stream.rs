@@ -17,7 +17,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::environment::validate_key;
-use crate::http::AppState;
+use crate::http::{ApiError, AppState};
 use crate::metrics::LastWrite;
 use crate::sse::{KEEPALIVE_CHUNK, Outgoing, Subscriber};
 
@@ -30,22 +30,6 @@ cache-control: no-cache\r\n\
 x-accel-buffering: no\r\n\
 access-control-allow-origin: *\r\n\
 transfer-encoding: chunked\r\n\r\n";
-
-const SHUTTING_DOWN: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\n\
-retry-after: 1\r\n\
-access-control-allow-origin: *\r\n\
-connection: close\r\n\
-content-length: 95\r\n\r\n\
-{\"error\":\"shutting_down\",\"message\":\"the service is shutting down; connect to another instance\"}";
-
-const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\n\
-retry-after: 1\r\n\
-access-control-allow-origin: *\r\n\
-connection: close\r\n\
-content-length: 120\r\n\r\n\
-{\"error\":\"too_many_subscribers\",\"message\":\"this instance holds its maximum of subscribers; connect to another instance\"}";
 
 /// What the first bytes of a connection turned out to be.
 pub enum Sniffed {
@@ -121,19 +105,13 @@ where
         state.hub.subscribe(key)
     };
     let Some(subscription) = subscription else {
-        let _ = io.write_all(SHUTTING_DOWN).await;
-        let _ = io.shutdown().await;
-        return;
+        return refuse(io, ApiError::ShuttingDown).await;
     };
     let last_write = Arc::new(LastWrite::new());
     let mut subscriber =
         match Subscriber::try_new(state, subscription, Some(last_write.clone()), true) {
             Ok(subscriber) => subscriber,
-            Err(_) => {
-                let _ = io.write_all(AT_CAPACITY).await;
-                let _ = io.shutdown().await;
-                return;
-            }
+            Err(err) => return refuse(io, err).await,
         };
     if !matches!(
         tokio::time::timeout(write_timeout, io.write_all(STREAM_HEAD)).await,
@@ -178,6 +156,31 @@ where
             }
         }
     }
+}
+
+/// Answers with `err`'s response (the same status, headers and JSON body hyper would
+/// send) and closes the connection.
+async fn refuse<I: AsyncWrite + Unpin>(mut io: I, err: ApiError) {
+    let _ = io.write_all(&error_response_bytes(err)).await;
+    let _ = io.shutdown().await;
+}
+
+fn error_response_bytes(err: ApiError) -> Vec<u8> {
+    let body = err.body_text();
+    let response = err.into_response();
+    let mut out = format!("HTTP/1.1 {}\r\n", response.status()).into_bytes();
+    for (name, value) in response.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let length = body.len();
+    let tail = format!(
+        "access-control-allow-origin: *\r\nconnection: close\r\ncontent-length: {length}\r\n\r\n{body}"
+    );
+    out.extend_from_slice(tail.as_bytes());
+    out
 }
 
 /// An I/O object that first yields bytes already read from it.
@@ -279,8 +282,14 @@ mod tests {
 
     #[test]
     fn canned_responses_are_well_formed() {
-        for response in [SHUTTING_DOWN, AT_CAPACITY] {
-            let text = std::str::from_utf8(response).expect("ascii");
+        for err in [ApiError::ShuttingDown, ApiError::TooManySubscribers] {
+            let response = error_response_bytes(err);
+            let text = std::str::from_utf8(&response).expect("ascii");
+            assert!(
+                text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+                "{text}"
+            );
+            assert!(text.contains("retry-after: 1\r\n"), "{text}");
             let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
             let length: usize = head
                 .lines()

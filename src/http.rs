@@ -166,12 +166,13 @@ impl ApiError {
         }
     }
 
+    /// The JSON body every error response carries.
+    pub fn body_text(&self) -> String {
+        json!({"error": self.code(), "message": self.to_string()}).to_string()
+    }
+
     pub fn into_response(self) -> Response<Body> {
-        let status = self.status();
-        let mut response = json_response(
-            status,
-            &json!({"error": self.code(), "message": self.to_string()}),
-        );
+        let mut response = full(self.status(), "application/json", self.body_text());
         let headers = response.headers_mut();
         match self {
             ApiError::Unavailable(_) | ApiError::ShuttingDown | ApiError::TooManySubscribers => {
