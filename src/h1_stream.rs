@@ -18,8 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::environment::validate_key;
 use crate::http::{ApiError, AppState};
-use crate::metrics::LastWrite;
-use crate::sse::{KEEPALIVE_CHUNK, Outgoing, Subscriber};
+use crate::sse::{KEEPALIVE_CHUNK, Outgoing, Subscriber, Transport};
 
 /// Heads longer than this are hyper's to judge (it has its own limits and errors).
 const MAX_SNIFF: usize = 8 * 1024;
@@ -107,12 +106,10 @@ where
     let Some(subscription) = subscription else {
         return refuse(io, ApiError::ShuttingDown).await;
     };
-    let last_write = Arc::new(LastWrite::new());
-    let mut subscriber =
-        match Subscriber::try_new(state, subscription, Some(last_write.clone()), true) {
-            Ok(subscriber) => subscriber,
-            Err(err) => return refuse(io, err).await,
-        };
+    let mut subscriber = match Subscriber::try_new(state, subscription, None, Transport::Http1Raw) {
+        Ok(subscriber) => subscriber,
+        Err(err) => return refuse(io, err).await,
+    };
     if !matches!(
         tokio::time::timeout(write_timeout, io.write_all(STREAM_HEAD)).await,
         Ok(Ok(()))
@@ -129,7 +126,7 @@ where
                 Ok(_) => continue,
                 Err(_) => {
                     // A reset, not a clean close: whatever was in flight was lost.
-                    if let Some(message) = last_write.get() {
+                    if let Some(message) = subscriber.last_message() {
                         subscriber.write_failed(message);
                     }
                     return;
@@ -144,7 +141,7 @@ where
         };
         let message = outgoing.message();
         let bytes = match &outgoing {
-            Outgoing::Event { chunk, .. } => chunk.clone(),
+            Outgoing::Event { bytes, .. } => bytes.clone(),
             Outgoing::Keepalive => KEEPALIVE_CHUNK,
         };
         match tokio::time::timeout(write_timeout, io.write_all(&bytes)).await {

@@ -22,7 +22,7 @@ use crate::broker::{Broker, PublishError, Published};
 use crate::environment::{KeyError, validate_key};
 use crate::hub::Hub;
 use crate::metrics::{Gauges, LastWrite, Message, Metrics};
-use crate::sse::{Subscriber, event_stream};
+use crate::sse::{Subscriber, Transport, event_stream};
 use crate::timestamp::{Timestamp, TimestampError};
 
 /// Flagsmith sends `{"updated_at": "<iso>"}`, about 50 bytes; anything near this is not it.
@@ -253,7 +253,11 @@ where
             &state,
             key,
             request.extensions().get::<Arc<LastWrite>>().cloned(),
-            request.version() < http::Version::HTTP_2,
+            if request.version() < http::Version::HTTP_2 {
+                Transport::Http1
+            } else {
+                Transport::Http2
+            },
         ),
         Some(Route::QueueChange(key)) if method == Method::POST => {
             let key = key.to_owned();
@@ -344,14 +348,14 @@ fn stream(
     state: &Arc<AppState>,
     key: &str,
     last_write: Option<Arc<LastWrite>>,
-    holds_socket: bool,
+    transport: Transport,
 ) -> Result<Response<Body>, ApiError> {
     let key = validate_key(key)?;
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
     let subscription = state.hub.subscribe(key).ok_or(ApiError::ShuttingDown)?;
-    let subscriber = Subscriber::try_new(state.clone(), subscription, last_write, holds_socket)?;
+    let subscriber = Subscriber::try_new(state.clone(), subscription, last_write, transport)?;
     let body = StreamBody::new(event_stream(subscriber));
     let mut response = Response::new(BodyExt::boxed_unsync(body));
     let headers = response.headers_mut();

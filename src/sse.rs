@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -23,15 +23,32 @@ pub const KEEPALIVE: Bytes = Bytes::from_static(b": keepalive\n\n");
 /// The same comment as an HTTP/1.1 chunk.
 pub const KEEPALIVE_CHUNK: Bytes = Bytes::from_static(b"d\r\n: keepalive\n\n\r\n");
 
+/// How a subscriber's bytes reach its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// The HTTP/1.1 fast path: this code writes the chunked framing itself.
+    Http1Raw,
+    /// An HTTP/1.1 response body written by hyper (which frames the chunks).
+    Http1,
+    /// An HTTP/2 stream, sharing its connection's socket.
+    Http2,
+}
+
+impl Transport {
+    /// Whether the subscriber holds a socket of its own (what the open-file limit bounds).
+    pub fn holds_socket(self) -> bool {
+        self != Transport::Http2
+    }
+}
+
 /// What to write next.
 pub enum Outgoing {
-    /// An event: the bare bytes and the same as an HTTP/1.1 chunk (shared, not copied),
-    /// and when the update was stored, for the delivery-latency histogram (`None` for the
-    /// event sent on connect, which is not a delivery of something new).
+    /// An event, already framed for the subscriber's transport (shared, not copied), and
+    /// how long after being stored it is sent, for the delivery-latency histogram (`None`
+    /// for the event sent on connect, which is not a delivery of something new).
     Event {
-        event: Bytes,
-        chunk: Bytes,
-        stored_at: Option<SystemTime>,
+        bytes: Bytes,
+        latency: Option<Duration>,
     },
     Keepalive,
 }
@@ -61,10 +78,11 @@ pub struct Subscriber {
     leave_at: Option<Instant>,
     /// This subscriber's number, which places its end within the drain window.
     serial: u64,
-    /// Whether it holds a socket of its own (HTTP/1.1) rather than an HTTP/2 stream.
-    holds_socket: bool,
+    transport: Transport,
     state: Arc<AppState>,
-    /// The connection's record of what it last wrote, to label a failed write.
+    /// What this stream last wrote, to label a failure that shows up later.
+    last_message: Option<Message>,
+    /// The same, kept by a hyper connection, which sees the failure instead of us.
     last_write: Option<Arc<LastWrite>>,
 }
 
@@ -72,7 +90,7 @@ impl Drop for Subscriber {
     fn drop(&mut self) {
         self.state
             .metrics
-            .subscriber_disconnected(self.holds_socket);
+            .subscriber_disconnected(self.transport.holds_socket());
     }
 }
 
@@ -82,14 +100,14 @@ impl Subscriber {
         state: Arc<AppState>,
         subscription: Subscription,
         last_write: Option<Arc<LastWrite>>,
-        holds_socket: bool,
+        transport: Transport,
     ) -> Result<Self, ApiError> {
         let settings = &state.settings;
         let serial = state
             .metrics
             .try_subscriber_connected(
                 settings.max_subscribers,
-                holds_socket,
+                transport.holds_socket(),
                 settings.max_socket_subscribers,
             )
             .ok_or(ApiError::TooManySubscribers)?;
@@ -102,8 +120,9 @@ impl Subscriber {
             timer: Box::pin(tokio::time::sleep_until(now + state.settings.keepalive)),
             leave_at: None,
             serial,
-            holds_socket,
+            transport,
             state,
+            last_message: None,
             last_write,
         })
     }
@@ -117,22 +136,25 @@ impl Subscriber {
     }
 
     /// Counts a write of `outgoing` (and remembers it for labelling a later failure).
-    pub fn wrote(&self, outgoing: &Outgoing) {
+    pub fn wrote(&mut self, outgoing: &Outgoing) {
         let message = outgoing.message();
         if let Outgoing::Event {
-            stored_at: Some(stored_at),
+            latency: Some(latency),
             ..
         } = outgoing
         {
-            let elapsed = SystemTime::now()
-                .duration_since(*stored_at)
-                .unwrap_or_default();
-            self.state.metrics.delivered(elapsed);
+            self.state.metrics.delivered(*latency);
         }
         self.state.metrics.http_write(message);
+        self.last_message = Some(message);
         if let Some(last) = &self.last_write {
             last.record(message);
         }
+    }
+
+    /// What this stream wrote last, if anything.
+    pub fn last_message(&self) -> Option<Message> {
+        self.last_message
     }
 
     pub fn write_failed(&self, message: Message) {
@@ -146,20 +168,23 @@ impl Subscriber {
     pub async fn next(&mut self) -> Option<Outgoing> {
         loop {
             let (newer, draining) = {
+                let now = SystemTime::now();
                 let latest = self.subscription.borrow_and_update();
                 let newer = latest
-                    .newer_than(self.seen, SystemTime::now(), self.state.hub.retention())
+                    .newer_than(self.seen, now, self.state.hub.retention())
                     .map(|timestamp| {
-                        let stored_at = latest
+                        let latency = latest
                             .update
                             .map(|u| u.stored_at)
-                            .filter(|at| *at >= self.connected_at);
-                        (
-                            timestamp,
-                            latest.event.clone(),
-                            latest.chunk.clone(),
-                            stored_at,
-                        )
+                            .filter(|at| *at >= self.connected_at)
+                            .map(|at| now.duration_since(at).unwrap_or_default());
+                        // One reference-count increment: only the framing this
+                        // transport writes.
+                        let bytes = match self.transport {
+                            Transport::Http1Raw => latest.chunk.clone(),
+                            Transport::Http1 | Transport::Http2 => latest.event.clone(),
+                        };
+                        (timestamp, bytes, latency)
                     });
                 (newer, latest.draining)
             };
@@ -170,14 +195,10 @@ impl Subscriber {
                     self.timer.as_mut().reset(leave_at);
                 }
             }
-            if let Some((timestamp, event, chunk, stored_at)) = newer {
+            if let Some((timestamp, bytes, latency)) = newer {
                 self.seen = Some(timestamp);
                 self.wrote_at = Instant::now();
-                return Some(Outgoing::Event {
-                    event,
-                    chunk,
-                    stored_at,
-                });
+                return Some(Outgoing::Event { bytes, latency });
             }
             tokio::select! {
                 changed = self.subscription.changed() => {
@@ -216,7 +237,7 @@ pub fn event_stream(
         let outgoing = sub.next().await?;
         sub.wrote(&outgoing);
         let bytes = match outgoing {
-            Outgoing::Event { event, .. } => event,
+            Outgoing::Event { bytes, .. } => bytes,
             Outgoing::Keepalive => KEEPALIVE,
         };
         Some((Ok(Frame::data(bytes)), sub))

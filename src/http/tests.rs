@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicBool;
 
 use super::*;
 use crate::broker::BoxFuture;
+use crate::sse::Transport;
 
 #[derive(Default)]
 struct FakeBroker {
@@ -374,8 +375,8 @@ async fn per_stream_state_stays_small() {
         std::mem::size_of_val(&future)
     );
     let subscription = state.hub.subscribe("x").expect("open");
-    let subscriber =
-        Subscriber::try_new(state.clone(), subscription, None, true).expect("under the cap");
+    let subscriber = Subscriber::try_new(state.clone(), subscription, None, Transport::Http1)
+        .expect("under the cap");
     let body = StreamBody::new(event_stream(subscriber));
     assert!(
         std::mem::size_of_val(&body) <= 768,
