@@ -657,3 +657,28 @@ async fn the_automatic_cap_counts_sockets_not_http2_streams() {
     }
     assert_eq!((held.len(), refused), (64, 6));
 }
+
+/// Reconnect storms need a deep accept queue: the listener asks for 4,096 (the kernel caps
+/// it at net.core.somaxconn).
+#[tokio::test]
+async fn the_listen_backlog_is_deep_enough_for_reconnect_storms() {
+    let svc = Service::start_with("nats://127.0.0.1:1", &[("BROKER", "memory")]);
+    svc.wait_readyz(200, Duration::from_secs(5)).await;
+    let output = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", svc.addr.port())])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // For a listening socket, ss shows the backlog in the Send-Q column.
+    let backlog: u64 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no listener in {text:?}"));
+    let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("somaxconn")
+        .trim()
+        .parse()
+        .expect("number");
+    assert_eq!(backlog, somaxconn.min(4096), "{text}");
+}
