@@ -41,6 +41,39 @@ pub struct Config {
     #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub keepalive_interval: Duration,
 
+    /// End each stream cleanly after this many seconds (spread by ±10 % so that clients
+    /// that connected together do not reconnect together); 0 or negative: never. The name,
+    /// default and meaning of Flagsmith's own service: Ruby's SDK only sees events when a
+    /// stream ends, and Flutter's opens a new stream every ~29 s without closing the old.
+    #[arg(
+        long,
+        env = "MAX_STREAM_AGE",
+        default_value_t = 30.0,
+        allow_negative_numbers = true
+    )]
+    pub max_stream_age: f64,
+
+    /// Answer a refused stream request (bad key, subscriber cap, shutdown) after about this
+    /// long (0.5x to 1.5x, spread), so that SDKs that reconnect at once after any answer do
+    /// not spin. 0: at once.
+    #[arg(long, env = "REFUSAL_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub refusal_delay: Duration,
+
+    /// Accepted for Flagsmith's own image (its delay between cache polls); not needed here:
+    /// updates are pushed, not polled. Logged once when set.
+    #[arg(long, env = "STREAM_DELAY")]
+    pub stream_delay: Option<String>,
+
+    /// Accepted for Flagsmith's own image (how often it polls Redis); not needed here.
+    /// Logged once when set.
+    #[arg(long, env = "CACHE_UPDATE_INTERVAL_SECONDS")]
+    pub cache_update_interval_seconds: Option<String>,
+
+    /// Accepted for Flagsmith's own image (its Redis SCAN batch); not needed here. Logged
+    /// once when set.
+    #[arg(long, env = "REDIS_SCAN_COUNT")]
+    pub redis_scan_count: Option<String>,
+
     /// Name of the JetStream stream that holds the last update of each environment.
     #[arg(long, env = "NATS_STREAM", default_value = "FLAGSMITH_SSE")]
     pub nats_stream: String,
@@ -143,6 +176,29 @@ impl Config {
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         parse_listen_addr(&self.listen_addr)
     }
+
+    /// How long a stream lives, or `None` for ever (`MAX_STREAM_AGE` of 0 or less).
+    pub fn stream_age_limit(&self) -> Option<Duration> {
+        (self.max_stream_age > 0.0)
+            .then(|| Duration::try_from_secs_f64(self.max_stream_age).ok())
+            .flatten()
+    }
+
+    /// Settings of Flagsmith's own (polling) service that this one accepts and does not
+    /// need, with their values, for a log line at start-up.
+    pub fn unneeded_settings(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("STREAM_DELAY", &self.stream_delay),
+            (
+                "CACHE_UPDATE_INTERVAL_SECONDS",
+                &self.cache_update_interval_seconds,
+            ),
+            ("REDIS_SCAN_COUNT", &self.redis_scan_count),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value.as_deref()?)))
+        .collect()
+    }
 }
 
 /// `:8080` is Go's spelling for "every interface", which the reference service accepted.
@@ -218,6 +274,39 @@ mod tests {
         assert_eq!(config.token(), Err(ConfigError::MissingToken));
         config.authentication_token = Some("secret".into());
         assert_eq!(config.token(), Ok("secret"));
+    }
+
+    #[test]
+    fn stream_age_as_flagsmiths_service_reads_it() {
+        let age = |v: &str| {
+            Config::try_parse_from(["flagsmith-sse", "--max-stream-age", v])
+                .expect("parses")
+                .stream_age_limit()
+        };
+        assert_eq!(
+            Config::parse_from(["flagsmith-sse"]).stream_age_limit(),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(age("45"), Some(Duration::from_secs(45)));
+        assert_eq!(age("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(age("0"), None);
+        assert_eq!(age("-1"), None);
+    }
+
+    #[test]
+    fn polling_settings_of_flagsmiths_image_are_accepted() {
+        let config = Config::try_parse_from([
+            "flagsmith-sse",
+            "--stream-delay",
+            "1",
+            "--redis-scan-count",
+            "500",
+        ])
+        .expect("accepted");
+        assert_eq!(
+            config.unneeded_settings(),
+            [("STREAM_DELAY", "1"), ("REDIS_SCAN_COUNT", "500")]
+        );
     }
 
     #[test]

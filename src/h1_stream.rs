@@ -9,26 +9,32 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::environment::validate_key;
-use crate::http::{ApiError, AppState};
-use crate::sse::{KEEPALIVE_CHUNK, Outgoing, Subscriber, Transport};
+use crate::error::ApiError;
+use crate::routes::{Route, route};
+use crate::sse::{KEEPALIVE_CHUNK, Outgoing, STREAM_HEADERS, Transport};
+use crate::state::AppState;
 
 /// Heads longer than this are hyper's to judge (it has its own limits and errors).
 const MAX_SNIFF: usize = 8 * 1024;
 
-const STREAM_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\n\
-content-type: text/event-stream\r\n\
-cache-control: no-cache\r\n\
-x-accel-buffering: no\r\n\
-access-control-allow-origin: *\r\n\
-transfer-encoding: chunked\r\n\r\n";
+/// The head of every stream this path serves: the stream headers, chunked framing, and
+/// `connection: close` because this path serves one request per connection (a stream that
+/// ends at its age closes the socket; the client opens a new one).
+static STREAM_HEAD: LazyLock<Bytes> = LazyLock::new(|| {
+    let mut head = String::from("HTTP/1.1 200 OK\r\n");
+    for (name, value) in STREAM_HEADERS {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+    Bytes::from(head)
+});
 
 /// What the first bytes of a connection turned out to be.
 pub enum Sniffed {
@@ -49,29 +55,40 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> Sniff
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
-            if let Some(decision) = decide(&buffer) {
-                return Some(decision);
+            match decide(&buffer) {
+                Decision::ReadMore => {}
+                decision => return Some(decision),
             }
         }
     };
     match tokio::time::timeout(timeout, read_head).await {
-        Ok(Some(Some(key))) => Sniffed::Stream(key),
-        Ok(Some(None)) => Sniffed::Other(Bytes::from(buffer)),
-        Ok(None) | Err(_) => Sniffed::Gone,
+        Ok(Some(Decision::Stream(key))) => Sniffed::Stream(key),
+        Ok(Some(Decision::Hyper)) => Sniffed::Other(Bytes::from(buffer)),
+        Ok(Some(Decision::ReadMore) | None) | Err(_) => Sniffed::Gone,
     }
 }
 
-/// `None`: read more. `Some(Some(key))`: a stream request. `Some(None)`: hyper's.
-fn decide(buffer: &[u8]) -> Option<Option<Box<str>>> {
+/// What the bytes read so far make of a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    /// The request head is not complete yet.
+    ReadMore,
+    /// A plain HTTP/1.1 `GET` of a stream, for this key (not yet validated).
+    Stream(Box<str>),
+    /// Anything else, for hyper to serve.
+    Hyper,
+}
+
+fn decide(buffer: &[u8]) -> Decision {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buffer) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) if buffer.len() < MAX_SNIFF => return None,
-        Ok(httparse::Status::Partial) | Err(_) => return Some(None),
+        Ok(httparse::Status::Partial) if buffer.len() < MAX_SNIFF => return Decision::ReadMore,
+        Ok(httparse::Status::Partial) | Err(_) => return Decision::Hyper,
     }
     if request.method != Some("GET") || request.version != Some(1) {
-        return Some(None);
+        return Decision::Hyper;
     }
     // A body, an upgrade or an expectation is not a plain stream request: let hyper judge.
     let plain = request.headers.iter().all(|h| {
@@ -80,16 +97,10 @@ fn decide(buffer: &[u8]) -> Option<Option<Box<str>>> {
             || h.name.eq_ignore_ascii_case("upgrade")
             || h.name.eq_ignore_ascii_case("expect"))
     });
-    let path = request.path.unwrap_or("");
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
-    let key = path
-        .strip_prefix("/sse/environments/")
-        .and_then(|rest| {
-            rest.strip_suffix("/stream")
-                .or_else(|| rest.strip_suffix("/stream/"))
-        })
-        .and_then(|key| validate_key(key).ok());
-    Some(key.filter(|_| plain).map(Box::from))
+    match route(request.path.unwrap_or("")) {
+        Some(Route::Stream(key)) if plain => Decision::Stream(Box::from(key)),
+        _ => Decision::Hyper,
+    }
 }
 
 /// Serves one event stream on `io` until the client leaves, a write fails or times out,
@@ -98,20 +109,16 @@ pub async fn serve_stream<I>(mut io: I, state: Arc<AppState>, key: &str, write_t
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let subscription = if state.is_shutting_down() {
-        None
-    } else {
-        state.hub.subscribe(key)
-    };
-    let Some(subscription) = subscription else {
-        return refuse(io, ApiError::ShuttingDown).await;
-    };
-    let mut subscriber = match Subscriber::try_new(state, subscription, None, Transport::Http1Raw) {
+    let mut subscriber = match state.open_stream(key, Transport::Http1Raw, None) {
         Ok(subscriber) => subscriber,
-        Err(err) => return refuse(io, err).await,
+        Err(err) => {
+            state.delay_refusal().await;
+            return refuse(io, err).await;
+        }
     };
+    drop(state);
     if !matches!(
-        tokio::time::timeout(write_timeout, io.write_all(STREAM_HEAD)).await,
+        tokio::time::timeout(write_timeout, io.write_all(&STREAM_HEAD)).await,
         Ok(Ok(()))
     ) {
         return;
@@ -134,7 +141,8 @@ where
             },
         };
         let Some(outgoing) = outgoing else {
-            // Shutdown: end the chunked body so the client sees a clean end and reconnects.
+            // Its age, or shutdown: end the chunked body after the last whole event, so the
+            // client sees a clean end and reconnects.
             let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(b"0\r\n\r\n")).await;
             let _ = io.shutdown().await;
             return;
@@ -246,35 +254,41 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 mod tests {
     use super::*;
 
-    fn decided(head: &str) -> Option<Option<Box<str>>> {
+    fn decided(head: &str) -> Decision {
         decide(head.as_bytes())
     }
 
     #[test]
     fn takes_only_plain_stream_requests() {
-        let stream = "GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert_eq!(decided(stream), Some(Some("abc".into())));
-        let query = "GET /sse/environments/abc/stream/?x=1 HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert_eq!(decided(query), Some(Some("abc".into())));
+        for stream in [
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /sse/environments/abc/stream/?x=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET //sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            assert_eq!(
+                decided(stream),
+                Decision::Stream("abc".into()),
+                "{stream:?}"
+            );
+        }
         assert_eq!(
             decided("GET /sse/environments/abc/stream HTTP/1.1\r\nHost"),
-            None
+            Decision::ReadMore
         );
         for other in [
             "GET /sse/environments/abc/stream HTTP/1.0\r\n\r\n",
             "HEAD /sse/environments/abc/stream HTTP/1.1\r\n\r\n",
             "POST /sse/environments/abc/queue-change HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
-            "GET /sse/environments/a.b/stream HTTP/1.1\r\n\r\n",
             "GET /livez HTTP/1.1\r\n\r\n",
             "GET /sse/environments/abc/stream HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
             "GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "\u{1}\u{2}garbage\r\n\r\n",
         ] {
-            assert_eq!(decided(other), Some(None), "{other:?}");
+            assert_eq!(decided(other), Decision::Hyper, "{other:?}");
         }
         let huge = format!("GET /x HTTP/1.1\r\nX: {}", "a".repeat(MAX_SNIFF));
-        assert_eq!(decided(&huge), Some(None));
+        assert_eq!(decided(&huge), Decision::Hyper);
     }
 
     #[test]

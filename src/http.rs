@@ -1,231 +1,29 @@
-//! Routes, authentication, CORS and the one error type that becomes a response.
+//! hyper's side of the service: routing, CORS and every endpoint's response.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Limited, StreamBody};
 use serde_json::json;
-use subtle::ConstantTimeEq;
-use thiserror::Error;
 use tracing::{debug, warn};
 
-use crate::broker::{Broker, PublishError, Published};
-use crate::environment::{KeyError, validate_key};
-use crate::hub::Hub;
-use crate::metrics::{Gauges, LastWrite, Message, Metrics};
-use crate::sse::{Subscriber, Transport, event_stream};
-use crate::timestamp::{Timestamp, TimestampError};
-
-/// Flagsmith sends `{"updated_at": "<iso>"}`, about 50 bytes; anything near this is not it.
-pub const MAX_BODY_BYTES: usize = 4096;
-
-/// The response body type of every route.
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-/// The request-handling settings, from `Config`.
-#[derive(Clone, Copy, Debug)]
-pub struct Settings {
-    pub keepalive: Duration,
-    pub body_read_timeout: Duration,
-    /// Refuse (503) subscribers beyond this many in all.
-    pub max_subscribers: usize,
-    /// Refuse (503) HTTP/1.1 subscribers, each of which holds a socket, beyond this many.
-    pub max_socket_subscribers: usize,
-    /// At shutdown, streams end at moments spread evenly over this window.
-    pub drain_window: Duration,
-}
-
-/// Everything a request handler can reach.
-pub struct AppState {
-    pub hub: Arc<Hub>,
-    pub broker: Arc<dyn Broker>,
-    pub metrics: Arc<Metrics>,
-    pub settings: Settings,
-    /// `Token <secret>`, compared in constant time with the `Authorization` header.
-    expected_authorization: Box<[u8]>,
-    shutting_down: AtomicBool,
-}
-
-impl AppState {
-    pub fn new(
-        hub: Arc<Hub>,
-        broker: Arc<dyn Broker>,
-        metrics: Arc<Metrics>,
-        token: &str,
-        settings: Settings,
-    ) -> Self {
-        Self {
-            hub,
-            broker,
-            metrics,
-            settings,
-            expected_authorization: format!("Token {token}").into_bytes().into_boxed_slice(),
-            shutting_down: AtomicBool::new(false),
-        }
-    }
-
-    /// From now on `/readyz` answers 503, so load balancers stop sending new clients.
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::Relaxed);
-    }
-
-    /// Streams end over the drain window from now, so that their clients do not all
-    /// reconnect elsewhere in the same millisecond.
-    pub fn begin_drain(&self) {
-        self.hub.begin_drain();
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Relaxed)
-    }
-
-    pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed) && self.broker.is_ready()
-    }
-
-    fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(value) = headers.get(header::AUTHORIZATION) else {
-            return false;
-        };
-        let value = value.as_bytes();
-        // The scheme is case-insensitive (RFC 9110); the secret is compared in constant time.
-        let expected = &self.expected_authorization;
-        value.len() == expected.len()
-            && value[..6].eq_ignore_ascii_case(b"Token ")
-            && bool::from(value[6..].ct_eq(&expected[6..]))
-    }
-}
-
-/// Every way a request can fail, and the response each one becomes.
-#[derive(Debug, Error)]
-pub enum ApiError {
-    #[error("missing or wrong Authorization header; expected `Authorization: Token <secret>`")]
-    Unauthorized,
-    #[error(transparent)]
-    BadKey(#[from] KeyError),
-    #[error(transparent)]
-    BadTimestamp(#[from] TimestampError),
-    #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
-    TooLarge,
-    #[error("request body did not arrive in time")]
-    BodyTimeout,
-    #[error("could not read the request body: {0}")]
-    BodyRead(String),
-    #[error("the update could not be stored: {0}; retry later")]
-    Unavailable(#[from] PublishError),
-    #[error("the service is shutting down; connect to another instance")]
-    ShuttingDown,
-    #[error("this instance holds its maximum of subscribers; connect to another instance")]
-    TooManySubscribers,
-    #[error("no such route")]
-    NotFound,
-    #[error("method not allowed; use {0}")]
-    MethodNotAllowed(&'static str),
-}
-
-impl ApiError {
-    fn status(&self) -> StatusCode {
-        match self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::BadKey(_) | ApiError::BadTimestamp(_) | ApiError::BodyRead(_) => {
-                StatusCode::BAD_REQUEST
-            }
-            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable(_) | ApiError::ShuttingDown | ApiError::TooManySubscribers => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-        }
-    }
-
-    fn code(&self) -> &'static str {
-        match self {
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::BadKey(_) => "invalid_environment_key",
-            ApiError::BadTimestamp(TimestampError::Json(_)) => "invalid_json",
-            ApiError::BadTimestamp(_) => "invalid_updated_at",
-            ApiError::TooLarge => "body_too_large",
-            ApiError::BodyTimeout => "body_timeout",
-            ApiError::BodyRead(_) => "body_unreadable",
-            ApiError::Unavailable(_) => "unavailable",
-            ApiError::ShuttingDown => "shutting_down",
-            ApiError::TooManySubscribers => "too_many_subscribers",
-            ApiError::NotFound => "not_found",
-            ApiError::MethodNotAllowed(_) => "method_not_allowed",
-        }
-    }
-
-    /// The JSON body every error response carries.
-    pub fn body_text(&self) -> String {
-        json!({"error": self.code(), "message": self.to_string()}).to_string()
-    }
-
-    pub fn into_response(self) -> Response<Body> {
-        let mut response = full(self.status(), "application/json", self.body_text());
-        let headers = response.headers_mut();
-        match self {
-            ApiError::Unavailable(_) | ApiError::ShuttingDown | ApiError::TooManySubscribers => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            ApiError::MethodNotAllowed(allow) => {
-                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
-            }
-            ApiError::Unauthorized => {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Token"));
-            }
-            _ => {}
-        }
-        response
-    }
-}
-
-fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
+use crate::broker::Published;
+use crate::environment::validate_key;
+use crate::error::{ApiError, Body, MAX_BODY_BYTES, full};
+use crate::metrics::{Gauges, LastWrite, Message};
+use crate::routes::{Route, route};
+use crate::sse::{STREAM_HEADERS, Transport, event_stream};
+use crate::state::AppState;
+use crate::timestamp::Timestamp;
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     full(status, "application/json", value.to_string())
-}
-
-enum Route<'a> {
-    Stream(&'a str),
-    QueueChange(&'a str),
-    Live,
-    Ready,
-    Metrics,
-}
-
-fn route(path: &str) -> Option<Route<'_>> {
-    match path {
-        "/livez" | "/health" | "/health/" | "/health/liveness" | "/health/liveness/" => {
-            return Some(Route::Live);
-        }
-        "/readyz" | "/health/readiness" | "/health/readiness/" => return Some(Route::Ready),
-        "/metricsz" => return Some(Route::Metrics),
-        _ => {}
-    }
-    let (key, action) = path.strip_prefix("/sse/environments/")?.split_once('/')?;
-    match action.strip_suffix('/').unwrap_or(action) {
-        "stream" => Some(Route::Stream(key)),
-        "queue-change" => Some(Route::QueueChange(key)),
-        _ => None,
-    }
 }
 
 /// What `handle` returns: a ready response for everything but queue-change, whose
@@ -249,16 +47,23 @@ where
     let is_get = method == Method::GET || method == Method::HEAD;
     let response = match route(request.uri().path()) {
         None => Err(ApiError::NotFound),
-        Some(Route::Stream(key)) if is_get => stream(
-            &state,
-            key,
-            request.extensions().get::<Arc<LastWrite>>().cloned(),
-            if request.version() < http::Version::HTTP_2 {
+        Some(Route::Stream(key)) if is_get => {
+            let transport = if request.version() < http::Version::HTTP_2 {
                 Transport::Http1
             } else {
                 Transport::Http2
-            },
-        ),
+            };
+            let last_write = request.extensions().get::<Arc<LastWrite>>().cloned();
+            match state.open_stream(key, transport, last_write) {
+                Ok(subscriber) => Ok(stream_response(subscriber)),
+                Err(err) => {
+                    return Either::Right(Box::pin(async move {
+                        state.delay_refusal().await;
+                        Ok(with_cors(err.into_response()))
+                    }));
+                }
+            }
+        }
         Some(Route::QueueChange(key)) if method == Method::POST => {
             let key = key.to_owned();
             return Either::Right(Box::pin(async move {
@@ -267,7 +72,7 @@ where
                     .await
                     .unwrap_or_else(ApiError::into_response);
                 state
-                    .metrics
+                    .metrics()
                     .queue_change_answered(response.status().as_u16(), started.elapsed());
                 Ok(with_cors(response))
             }));
@@ -321,7 +126,7 @@ fn preflight(headers: &HeaderMap) -> Response<Body> {
 }
 
 fn health(state: &AppState, status: StatusCode, text: &'static str) -> Response<Body> {
-    state.metrics.http_write(Message::Healthcheck);
+    state.metrics().http_write(Message::Healthcheck);
     let mut response = full(status, "text/plain; charset=utf-8", text);
     response
         .headers_mut()
@@ -330,10 +135,10 @@ fn health(state: &AppState, status: StatusCode, text: &'static str) -> Response<
 }
 
 fn metrics(state: &AppState) -> Response<Body> {
-    let text = state.metrics.render(&Gauges {
-        environments: state.hub.len(),
-        environments_subscribed: state.hub.subscribed(),
-        max_subscribers: state.settings.max_socket_subscribers,
+    let text = state.metrics().render(&Gauges {
+        environments: state.hub().len(),
+        environments_subscribed: state.hub().subscribed(),
+        max_subscribers: state.stream.settings.max_socket_subscribers,
         nats_connected: state.broker.is_connected(),
         ready: state.is_ready(),
     });
@@ -344,30 +149,17 @@ fn metrics(state: &AppState) -> Response<Body> {
     )
 }
 
-fn stream(
-    state: &Arc<AppState>,
-    key: &str,
-    last_write: Option<Arc<LastWrite>>,
-    transport: Transport,
-) -> Result<Response<Body>, ApiError> {
-    let key = validate_key(key)?;
-    if state.is_shutting_down() {
-        return Err(ApiError::ShuttingDown);
-    }
-    let subscription = state.hub.subscribe(key).ok_or(ApiError::ShuttingDown)?;
-    let subscriber = Subscriber::try_new(state.clone(), subscription, last_write, transport)?;
-    let body = StreamBody::new(event_stream(subscriber));
-    let mut response = Response::new(BodyExt::boxed_unsync(body));
+/// The response of an open stream: the stream headers, and a body that writes whatever
+/// the subscriber sends.
+fn stream_response(subscriber: crate::sse::Subscriber) -> Response<Body> {
+    let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(event_stream(
+        subscriber,
+    ))));
     let headers = response.headers_mut();
-    // OkHttp (Android) rejects any other content type.
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // nginx buffers responses unless told not to, which would hold events back.
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    for (name, value) in STREAM_HEADERS {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 async fn queue_change<B>(
@@ -393,13 +185,13 @@ where
         return Err(ApiError::TooLarge);
     }
     let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
-    let collected = tokio::time::timeout(state.settings.body_read_timeout, body.collect())
+    let collected = tokio::time::timeout(state.body_read_timeout, body.collect())
         .await
         .map_err(|_| ApiError::BodyTimeout)?;
     let bytes = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => return Err(ApiError::TooLarge),
-        Err(err) => return Err(ApiError::BodyRead(err.to_string())),
+        Err(err) => return Err(ApiError::BodyRead(err)),
     };
     let timestamp = Timestamp::from_update_json(&bytes)?;
     let outcome = state

@@ -1,16 +1,22 @@
 //! flagsmith-sse: Flagsmith's real-time flag updates service, backed by NATS JetStream.
 //!
-//! `server` owns the listener and shutdown; `http` routes requests; `sse` streams one
-//! subscriber; `hub` fans updates out in process; `broker` stores and receives them through
-//! NATS JetStream; `timestamp` and `environment` check what clients send.
+//! Data flows one way: `server` accepts connections and hands them to `h1_stream` (plain
+//! HTTP/1.1 streams) or hyper and `http` (everything else); both open subscribers through
+//! `state`; `broker` stores updates and feeds `hub`, which every `sse` subscriber reads.
+//! `routes` says which path is which endpoint, `error` what each failure answers,
+//! `timestamp` and `environment` check what clients send.
 pub mod broker;
 pub mod config;
 pub mod environment;
+pub mod error;
 pub mod h1_stream;
 pub mod http;
 pub mod hub;
 pub mod memory_broker;
 pub mod metrics;
+pub mod routes;
 pub mod server;
+pub mod spread;
 pub mod sse;
+pub mod state;
 pub mod timestamp;

@@ -153,6 +153,7 @@ pub struct Metrics {
     socket_subscribers: AtomicI64,
     subscribers_total: AtomicU64,
     subscribers_rejected: AtomicU64,
+    streams_ended_by_age: AtomicU64,
     http_errors: [AtomicU64; 3],
     http_writes: [AtomicU64; 3],
     nats_errors: [AtomicU64; 7],
@@ -213,6 +214,11 @@ impl Metrics {
         self.subscribers.load(Relaxed)
     }
 
+    /// A stream ended cleanly at its age (`MAX_STREAM_AGE`); its client reconnects.
+    pub fn stream_reached_max_age(&self) {
+        self.streams_ended_by_age.fetch_add(1, Relaxed);
+    }
+
     pub fn http_write(&self, message: Message) {
         self.http_writes[message as usize].fetch_add(1, Relaxed);
     }
@@ -269,11 +275,15 @@ impl Metrics {
              flagsmith_sse_http1_subscribers {}\n\
              # HELP flagsmith_sse_subscribers_max The cap on HTTP/1.1 subscribers (each holds a socket).\n\
              # TYPE flagsmith_sse_subscribers_max gauge\n\
-             flagsmith_sse_subscribers_max {}",
+             flagsmith_sse_subscribers_max {}\n\
+             # HELP flagsmith_sse_streams_ended_by_age_total Streams ended cleanly at MAX_STREAM_AGE (their clients reconnect).\n\
+             # TYPE flagsmith_sse_streams_ended_by_age_total counter\n\
+             flagsmith_sse_streams_ended_by_age_total {}",
             self.subscribers_total.load(Relaxed),
             self.subscribers_rejected.load(Relaxed),
             self.socket_subscribers.load(Relaxed),
             gauges.max_subscribers,
+            self.streams_ended_by_age.load(Relaxed),
         );
         for (name, help, values) in [
             (
@@ -429,6 +439,7 @@ mod tests {
             Some(0)
         );
         metrics.http_write(Message::Data);
+        metrics.stream_reached_max_age();
         metrics.http_error(Message::Keepalive);
         metrics.nats_error(NatsOp::CreateJetstream);
         metrics.delivered(std::time::Duration::from_millis(7));
@@ -447,6 +458,7 @@ mod tests {
             "flagsmith_sse_subscribers_total 3",
             "flagsmith_sse_subscribers_rejected_total 2",
             "flagsmith_sse_subscribers_max 2",
+            "flagsmith_sse_streams_ended_by_age_total 1",
             "flagsmith_sse_http_writes_total{message=\"data\"} 1",
             "flagsmith_sse_http_writes_total{message=\"keepalive\"} 0",
             "flagsmith_sse_http_errors_total{message=\"keepalive\"} 1",

@@ -21,10 +21,12 @@ use tracing::{debug, error, info, warn};
 use crate::broker::{Broker, BrokerError, NatsBroker, NatsSettings, redact};
 use crate::config::{BrokerKind, Config, ConfigError};
 use crate::h1_stream::{self, Prefixed, Sniffed};
-use crate::http::{AppState, Settings, handle};
+use crate::http::handle;
 use crate::hub::Hub;
 use crate::memory_broker::MemoryBroker;
 use crate::metrics::{LastWrite, Metrics};
+use crate::sse::StreamSettings;
+use crate::state::{AppState, Settings};
 
 /// Reconnect storms arrive all at once; tokio's default backlog of 128 would drop SYNs.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -106,11 +108,15 @@ impl Server {
             metrics,
             token,
             Settings {
-                keepalive: config.keepalive_interval,
+                stream: StreamSettings {
+                    keepalive: config.keepalive_interval,
+                    max_age: config.stream_age_limit(),
+                    drain_window: config.drain_window,
+                    max_subscribers,
+                    max_socket_subscribers,
+                },
                 body_read_timeout: config.body_read_timeout,
-                max_subscribers,
-                max_socket_subscribers,
-                drain_window: config.drain_window,
+                refusal_delay: config.refusal_delay,
             },
         ));
 
@@ -144,12 +150,21 @@ impl Server {
             max_age = ?config.nats_stream_max_age,
             replicas = config.nats_stream_replicas,
             keepalive = ?config.keepalive_interval,
+            max_stream_age = ?config.stream_age_limit(),
+            refusal_delay = ?config.refusal_delay,
             max_http1_subscribers = max_socket_subscribers,
             max_subscribers = (max_subscribers != usize::MAX).then_some(max_subscribers),
             drain_window = ?config.drain_window,
             shutdown_timeout = ?config.shutdown_timeout,
             "flagsmith-sse starting"
         );
+        for (name, value) in config.unneeded_settings() {
+            info!(
+                setting = name,
+                value,
+                "accepted for Flagsmith's own image and not needed: updates are pushed, not polled"
+            );
+        }
         Ok(Self {
             listener,
             tls,
@@ -194,9 +209,10 @@ impl Server {
                 () = &mut shutdown, if drain_until.is_none() => {
                     let now = tokio::time::Instant::now();
                     deadline = now + shutdown_timeout;
-                    drain_until = Some((now + state.settings.drain_window).min(deadline));
+                    let drain_window = state.stream.settings.drain_window;
+                    drain_until = Some((now + drain_window).min(deadline));
                     info!(
-                        drain_window = ?state.settings.drain_window,
+                        ?drain_window,
                         ?shutdown_timeout,
                         "shutting down: not ready, refusing new streams, ending streams over the drain window"
                     );
@@ -242,7 +258,7 @@ impl Server {
         drop(listener);
         sweeper.abort();
         // Whatever still streams (a client slow to take its last bytes) is ended now.
-        state.hub.close();
+        state.hub().close();
         connections.close();
         if tokio::time::timeout_at(deadline, connections.wait())
             .await
@@ -295,7 +311,7 @@ async fn serve_hyper<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let last_write = Arc::new(LastWrite::new());
-    let metrics = state.metrics.clone();
+    let metrics = state.stream.metrics.clone();
     let service = {
         let last_write = last_write.clone();
         service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
@@ -419,9 +435,13 @@ async fn sweep(state: Arc<AppState>) {
     let mut interval = tokio::time::interval(Duration::from_secs(60));
     loop {
         interval.tick().await;
-        let removed = state.hub.sweep(SystemTime::now());
+        let removed = state.hub().sweep(SystemTime::now());
         if removed > 0 {
-            debug!(removed, held = state.hub.len(), "forgot idle environments");
+            debug!(
+                removed,
+                held = state.hub().len(),
+                "forgot idle environments"
+            );
         }
     }
 }

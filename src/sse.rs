@@ -1,6 +1,7 @@
-//! One subscriber's event stream: the latest update on connect, every newer one after, and
-//! keep-alive comments in the silences. `Subscriber` decides what to send; the HTTP/1.1
-//! fast path (`h1_stream`) and hyper bodies (`event_stream`, for HTTP/2 and TLS) write it.
+//! One subscriber's event stream: the latest update on connect, every newer one after,
+//! keep-alive comments in the silences, and a clean end at the stream's age. `Subscriber`
+//! decides what to send; the HTTP/1.1 fast path (`h1_stream`) and hyper bodies
+//! (`event_stream`, for HTTP/2 and TLS) write it.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -12,10 +13,50 @@ use futures_util::Stream;
 use hyper::body::Frame;
 use tokio::time::{Instant, Sleep};
 
-use crate::http::{ApiError, AppState};
-use crate::hub::Subscription;
-use crate::metrics::{LastWrite, Message};
+use thiserror::Error;
+
+use crate::hub::{Hub, Subscription};
+use crate::metrics::{LastWrite, Message, Metrics};
+use crate::spread::scatter;
 use crate::timestamp::Timestamp;
+
+/// The response headers of every stream, whoever writes them. `text/event-stream` because
+/// OkHttp (Android) rejects any other type; `X-Accel-Buffering: no` because nginx buffers
+/// responses unless told not to, which would hold events back; every origin may read it,
+/// since SDKs run in browsers on customers' domains.
+pub const STREAM_HEADERS: [(&str, &str); 4] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+    ("access-control-allow-origin", "*"),
+];
+
+/// How subscribers behave, from `Config`.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamSettings {
+    pub keepalive: Duration,
+    /// End each stream cleanly after about this long (spread by ±10 %), as Flagsmith's own
+    /// service does; `None`: never.
+    pub max_age: Option<Duration>,
+    /// At shutdown, streams end at moments spread evenly over this window.
+    pub drain_window: Duration,
+    /// Refuse subscribers beyond this many in all.
+    pub max_subscribers: usize,
+    /// Refuse HTTP/1.1 subscribers, each of which holds a socket, beyond this many.
+    pub max_socket_subscribers: usize,
+}
+
+/// What a subscriber needs besides its subscription: shared by all of them.
+pub struct StreamContext {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub settings: StreamSettings,
+}
+
+/// The instance holds its maximum of subscribers.
+#[derive(Debug, Error)]
+#[error("this instance holds its maximum of subscribers")]
+pub struct AtCapacity;
 
 /// A comment line: SSE parsers ignore it, proxies and NAT gateways see traffic. The blank
 /// line ends it as its own block, so no parser glues it to the next event.
@@ -70,16 +111,19 @@ pub struct Subscriber {
     wrote_at: Instant,
     /// Updates stored before this were not delivered as news (they are the on-connect one).
     connected_at: SystemTime,
-    /// Fires at or before the next keep-alive (or the moment to leave when draining).
+    /// Fires at or before the next keep-alive, the stream's end of age, or the moment to
+    /// leave when draining.
     /// Re-armed only when it fires, not on every write: moving a timer costs two
     /// timer-wheel operations, per subscriber per update.
     timer: Pin<Box<Sleep>>,
     /// Shutdown: when this stream ends, somewhere in the drain window.
     leave_at: Option<Instant>,
+    /// When this stream has reached its age and ends (`MAX_STREAM_AGE`, spread).
+    old_at: Option<Instant>,
     /// This subscriber's number, which places its end within the drain window.
     serial: u64,
     transport: Transport,
-    state: Arc<AppState>,
+    context: Arc<StreamContext>,
     /// What this stream last wrote, to label a failure that shows up later.
     last_message: Option<Message>,
     /// The same, kept by a hyper connection, which sees the failure instead of us.
@@ -88,51 +132,56 @@ pub struct Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.state
+        self.context
             .metrics
             .subscriber_disconnected(self.transport.holds_socket());
     }
 }
 
 impl Subscriber {
-    /// A new subscriber, or `TooManySubscribers` when the instance is at its cap.
+    /// A new subscriber, or `AtCapacity` when the instance is at its cap.
     pub fn try_new(
-        state: Arc<AppState>,
+        context: Arc<StreamContext>,
         subscription: Subscription,
         last_write: Option<Arc<LastWrite>>,
         transport: Transport,
-    ) -> Result<Self, ApiError> {
-        let settings = &state.settings;
-        let serial = state
+    ) -> Result<Self, AtCapacity> {
+        let settings = &context.settings;
+        let serial = context
             .metrics
             .try_subscriber_connected(
                 settings.max_subscribers,
                 transport.holds_socket(),
                 settings.max_socket_subscribers,
             )
-            .ok_or(ApiError::TooManySubscribers)?;
+            .ok_or(AtCapacity)?;
         let now = Instant::now();
+        let old_at = settings.max_age.map(|age| now + spread_age(age, serial));
+        let first_keepalive = now + settings.keepalive;
+        let first_wake = old_at.map_or(first_keepalive, |old| old.min(first_keepalive));
         Ok(Self {
             subscription,
             seen: None,
             wrote_at: now,
             connected_at: SystemTime::now(),
-            timer: Box::pin(tokio::time::sleep_until(now + state.settings.keepalive)),
+            timer: Box::pin(tokio::time::sleep_until(first_wake)),
             leave_at: None,
+            old_at,
             serial,
             transport,
-            state,
+            context,
             last_message: None,
             last_write,
         })
     }
 
-    /// Where in the drain window this stream ends: serial numbers scattered evenly by a
-    /// multiplicative hash, so neighbours (often one client's reconnects) leave apart.
+    /// Where in the drain window this stream ends, so neighbours (often one client's
+    /// reconnects) leave apart.
     fn drain_delay(&self) -> std::time::Duration {
-        let fraction =
-            (self.serial.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
-        self.state.settings.drain_window.mul_f64(fraction)
+        self.context
+            .settings
+            .drain_window
+            .mul_f64(scatter(self.serial, 0))
     }
 
     /// Counts a write of `outgoing` (and remembers it for labelling a later failure).
@@ -143,9 +192,9 @@ impl Subscriber {
             ..
         } = outgoing
         {
-            self.state.metrics.delivered(*latency);
+            self.context.metrics.delivered(*latency);
         }
-        self.state.metrics.http_write(message);
+        self.context.metrics.http_write(message);
         self.last_message = Some(message);
         if let Some(last) = &self.last_write {
             last.record(message);
@@ -158,20 +207,21 @@ impl Subscriber {
     }
 
     pub fn write_failed(&self, message: Message) {
-        self.state.metrics.http_error(message);
+        self.context.metrics.http_error(message);
     }
 
     /// The next thing to send: a newer event as soon as there is one, or a keep-alive once
     /// the stream has been silent for the keep-alive interval. `None` when the stream
-    /// should end: its moment in the drain window came, or the hub closed. Cancel-safe:
-    /// dropping the future loses nothing.
+    /// should end: it reached its age, its moment in the drain window came, or the hub
+    /// closed. Events are whole `Bytes`, so a stream that ends never ends mid-event.
+    /// Cancel-safe: dropping the future loses nothing.
     pub async fn next(&mut self) -> Option<Outgoing> {
         loop {
             let (newer, draining) = {
                 let now = SystemTime::now();
                 let latest = self.subscription.borrow_and_update();
                 let newer = latest
-                    .newer_than(self.seen, now, self.state.hub.retention())
+                    .newer_than(self.seen, now, self.context.hub.retention())
                     .map(|timestamp| {
                         let latency = latest
                             .update
@@ -209,16 +259,23 @@ impl Subscriber {
                     if self.leave_at.is_some_and(|at| now >= at) {
                         return None;
                     }
-                    let due = self.wrote_at + self.state.settings.keepalive;
+                    if self.old_at.is_some_and(|at| now >= at) {
+                        self.context.metrics.stream_reached_max_age();
+                        return None;
+                    }
+                    let keepalive = self.context.settings.keepalive;
+                    let due = self.wrote_at + keepalive;
                     let next = if now >= due {
                         self.wrote_at = now;
-                        now + self.state.settings.keepalive
+                        now + keepalive
                     } else {
                         due
                     };
-                    self.timer
-                        .as_mut()
-                        .reset(self.leave_at.map_or(next, |at| at.min(next)));
+                    let next = [self.leave_at, self.old_at]
+                        .into_iter()
+                        .flatten()
+                        .fold(next, Instant::min);
+                    self.timer.as_mut().reset(next);
                     if now >= due {
                         return Some(Outgoing::Keepalive);
                     }
@@ -228,8 +285,14 @@ impl Subscriber {
     }
 }
 
-/// The body of a `/stream` response served by hyper. It ends when the hub closes
-/// (shutdown); a client going away drops it.
+/// `age` give or take 10 %, so that clients that connected together (a deploy, a network
+/// blip) do not all reconnect together one age later.
+fn spread_age(age: Duration, serial: u64) -> Duration {
+    age.mul_f64(0.9 + 0.2 * scatter(serial, 0xA6E))
+}
+
+/// The body of a `/stream` response served by hyper. It ends at the stream's age or when
+/// the hub closes (shutdown); a client going away drops it.
 pub fn event_stream(
     subscriber: Subscriber,
 ) -> impl Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {

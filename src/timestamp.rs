@@ -26,6 +26,8 @@ pub struct Timestamp(i64);
 pub enum TimestampError {
     #[error("body is not valid JSON: {0}")]
     Json(String),
+    #[error("body must be a JSON object, like {{\"updated_at\": \"2025-07-14T13:49:43+00:00\"}}")]
+    NotAnObject,
     #[error("body must be a JSON object with an \"updated_at\" field")]
     Missing,
     #[error("\"updated_at\" must be an ISO-8601 string or a number of Unix seconds")]
@@ -68,6 +70,11 @@ impl Timestamp {
         }
         let parsed: Body<'_> =
             serde_json::from_slice(body).map_err(|e| TimestampError::Json(e.to_string()))?;
+        // serde's derived struct parsing also takes a JSON array (`[1]` as `updated_at: 1`);
+        // valid JSON that starts with `{` is an object.
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(TimestampError::NotAnObject);
+        }
         let raw = parsed.updated_at.ok_or(TimestampError::Missing)?.get();
         match raw.as_bytes().first() {
             Some(b'"') => {

@@ -1,11 +1,17 @@
 //! The HTTP layer driven directly, with a broker that records what it is asked to store.
 
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http_body_util::Full;
 
 use super::*;
-use crate::broker::BoxFuture;
-use crate::sse::Transport;
+use crate::broker::{BoxFuture, Broker, PublishError};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::sse::{StreamSettings, Subscriber};
+use crate::state::Settings;
 
 #[derive(Default)]
 struct FakeBroker {
@@ -40,20 +46,32 @@ impl Broker for FakeBroker {
     }
 }
 
+fn settings() -> Settings {
+    Settings {
+        stream: StreamSettings {
+            keepalive: Duration::from_secs(15),
+            max_age: None,
+            drain_window: Duration::from_secs(2),
+            max_subscribers: 3,
+            max_socket_subscribers: 3,
+        },
+        body_read_timeout: Duration::from_secs(1),
+        refusal_delay: Duration::ZERO,
+    }
+}
+
 fn state() -> (Arc<AppState>, Arc<FakeBroker>) {
+    state_with(settings())
+}
+
+fn state_with(settings: Settings) -> (Arc<AppState>, Arc<FakeBroker>) {
     let broker = Arc::new(FakeBroker::default());
     let state = AppState::new(
         Arc::new(Hub::new(Duration::from_secs(3600))),
         broker.clone(),
         Arc::new(Metrics::default()),
         "s3cret",
-        Settings {
-            keepalive: Duration::from_secs(15),
-            body_read_timeout: Duration::from_secs(1),
-            max_subscribers: 3,
-            max_socket_subscribers: 3,
-            drain_window: Duration::from_secs(2),
-        },
+        settings,
     );
     (Arc::new(state), broker)
 }
@@ -313,7 +331,7 @@ async fn stream_sends_latest_on_connect_then_only_newer() {
         sequence: 1,
         stored_at: SystemTime::now(),
     };
-    state.hub.apply("env", at(1_000_000));
+    state.hub().apply("env", at(1_000_000));
     let response = handle(state.clone(), get("/sse/environments/env/stream"))
         .await
         .expect("infallible");
@@ -322,7 +340,7 @@ async fn stream_sends_latest_on_connect_then_only_newer() {
     assert_eq!(response.headers()["cache-control"], "no-cache");
     assert_eq!(response.headers()["x-accel-buffering"], "no");
     assert!(response.headers().get("content-encoding").is_none());
-    assert_eq!(state.metrics.subscribers(), 1);
+    assert_eq!(state.metrics().subscribers(), 1);
     let mut body = response.into_body();
     let mut next = async || {
         let frame = body.frame().await.expect("frame").expect("infallible");
@@ -332,19 +350,19 @@ async fn stream_sends_latest_on_connect_then_only_newer() {
         next().await,
         "event: environment_updated\ndata: {\"updated_at\": 1.0}\n\n"
     );
-    state.hub.apply("env", at(500_000));
-    state.hub.apply("env", at(3_000_000));
+    state.hub().apply("env", at(500_000));
+    state.hub().apply("env", at(3_000_000));
     assert_eq!(
         next().await,
         "event: environment_updated\ndata: {\"updated_at\": 3.0}\n\n"
     );
-    state.hub.close();
+    state.hub().close();
     assert!(
         body.frame().await.is_none(),
         "stream ends when the hub closes"
     );
     drop(body);
-    assert_eq!(state.metrics.subscribers(), 0);
+    assert_eq!(state.metrics().subscribers(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -374,9 +392,10 @@ async fn per_stream_state_stays_small() {
         "{}",
         std::mem::size_of_val(&future)
     );
-    let subscription = state.hub.subscribe("x").expect("open");
-    let subscriber = Subscriber::try_new(state.clone(), subscription, None, Transport::Http1)
-        .expect("under the cap");
+    let subscription = state.hub().subscribe("x").expect("open");
+    let subscriber =
+        Subscriber::try_new(state.stream.clone(), subscription, None, Transport::Http1)
+            .expect("under the cap");
     let body = StreamBody::new(event_stream(subscriber));
     assert!(
         std::mem::size_of_val(&body) <= 768,
@@ -424,4 +443,121 @@ async fn draining_ends_streams_within_the_window() {
             started.elapsed()
         );
     }
+}
+
+/// `MAX_STREAM_AGE`: a stream ends cleanly (its last frame a whole event or comment) at
+/// its age give or take 10 %, and the end is counted.
+#[tokio::test(start_paused = true)]
+async fn streams_end_at_their_age_spread_and_counted() {
+    let mut settings = settings();
+    settings.stream.max_age = Some(Duration::from_secs(30));
+    settings.stream.max_subscribers = 100;
+    settings.stream.max_socket_subscribers = 100;
+    let (state, _) = state_with(settings);
+    let started = tokio::time::Instant::now();
+    let mut ends = Vec::new();
+    for _ in 0..20 {
+        let response = handle(state.clone(), get("/sse/environments/env/stream"))
+            .await
+            .expect("infallible");
+        let mut body = response.into_body();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.expect("infallible").into_data().expect("data"));
+        }
+        // 30 s ± 10 % with a 15 s keep-alive: one or two keep-alives, nothing else.
+        assert!(
+            frames.iter().all(|f| &f[..] == b": keepalive\n\n"),
+            "{frames:?}"
+        );
+        ends.push(started.elapsed());
+    }
+    let ages: Vec<Duration> = ends
+        .iter()
+        .scan(Duration::ZERO, |before, end| {
+            let age = *end - *before;
+            *before = *end;
+            Some(age)
+        })
+        .collect();
+    for age in &ages {
+        assert!(
+            (Duration::from_secs(27)..=Duration::from_secs(33)).contains(age),
+            "{ages:?}"
+        );
+    }
+    let (min, max) = (ages.iter().min(), ages.iter().max());
+    assert!(
+        max.zip(min)
+            .is_some_and(|(max, min)| *max - *min >= Duration::from_secs(2)),
+        "ages are not spread: {ages:?}"
+    );
+    let (_, _, text) = send(&state, get("/metricsz")).await;
+    assert!(
+        text.lines()
+            .any(|l| l == "flagsmith_sse_streams_ended_by_age_total 20"),
+        "{text}"
+    );
+}
+
+/// Python's SDK reconnects at once after any answer: a refused stream is answered after a
+/// spread delay, whatever the reason.
+#[tokio::test(start_paused = true)]
+async fn refused_streams_are_answered_after_a_delay() {
+    let mut settings = settings();
+    settings.refusal_delay = Duration::from_secs(1);
+    settings.stream.max_subscribers = 1;
+    settings.stream.max_socket_subscribers = 1;
+    let (state, _) = state_with(settings);
+    let held = handle(state.clone(), get("/sse/environments/env/stream"))
+        .await
+        .expect("infallible");
+    assert_eq!(held.status(), StatusCode::OK);
+    for (path, want) in [
+        ("/sse/environments/a.b/stream", StatusCode::BAD_REQUEST),
+        (
+            "/sse/environments/env/stream",
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+    ] {
+        let started = tokio::time::Instant::now();
+        let (status, _, _) = send(&state, get(path)).await;
+        assert_eq!(status, want, "{path}");
+        let waited = started.elapsed();
+        assert!(
+            (Duration::from_millis(500)..Duration::from_millis(1500)).contains(&waited),
+            "{path}: answered after {waited:?}"
+        );
+    }
+    // Other routes are not held back.
+    let started = tokio::time::Instant::now();
+    let (status, _, _) = send(&state, get("/nope")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+/// What Flagsmith's API (`api/sse/tasks.py` with a base URL ending in `/`) and SDKs send.
+#[tokio::test]
+async fn paths_as_callers_write_them() {
+    let (state, broker) = state();
+    for path in [
+        "//sse/environments/k/queue-change",
+        "/sse/environments/k/queue-change/",
+        "/sse//environments/k/queue-change?x=1",
+    ] {
+        let (status, _, text) = send(&state, post(path, Some("Token s3cret"), BODY)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {text}");
+    }
+    assert_eq!(broker.published.lock().expect("lock").len(), 3);
+    for path in [
+        "//sse/environments/k/stream",
+        "/sse/environments/k/stream/",
+        "/sse/environments/k/stream?lastEventId=",
+    ] {
+        let response = handle(state.clone(), get(path)).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+    }
+    let (status, _, _) = send(&state, get("/sse/health")).await;
+    assert_eq!(status, StatusCode::OK);
 }

@@ -91,6 +91,9 @@ fn json_bodies_reject_what_is_not_a_timestamp() {
         ("", TimestampError::Json(String::new())),
         ("{", TimestampError::Json(String::new())),
         ("[]", TimestampError::Json(String::new())),
+        // serde's derived struct parsing takes an array as the struct's fields in order.
+        ("[1]", TimestampError::NotAnObject),
+        (" [\"2025-07-14T13:49:43Z\"]", TimestampError::NotAnObject),
         ("{}", TimestampError::Missing),
         (r#"{"updated_at":null}"#, TimestampError::Missing),
         (r#"{"updated_at":true}"#, TimestampError::WrongType),
