@@ -154,6 +154,8 @@ pub struct Metrics {
     subscribers_total: AtomicU64,
     subscribers_rejected: AtomicU64,
     streams_ended_by_age: AtomicU64,
+    /// Refused stream requests: [answered at once, held back first].
+    stream_refusals: [AtomicU64; 2],
     http_errors: [AtomicU64; 3],
     http_writes: [AtomicU64; 3],
     nats_errors: [AtomicU64; 7],
@@ -219,6 +221,11 @@ impl Metrics {
         self.streams_ended_by_age.fetch_add(1, Relaxed);
     }
 
+    /// A stream request was refused; `delayed`: its answer was held back first.
+    pub fn stream_refused(&self, delayed: bool) {
+        self.stream_refusals[usize::from(delayed)].fetch_add(1, Relaxed);
+    }
+
     pub fn http_write(&self, message: Message) {
         self.http_writes[message as usize].fetch_add(1, Relaxed);
     }
@@ -278,12 +285,18 @@ impl Metrics {
              flagsmith_sse_subscribers_max {}\n\
              # HELP flagsmith_sse_streams_ended_by_age_total Streams ended cleanly at MAX_STREAM_AGE (their clients reconnect).\n\
              # TYPE flagsmith_sse_streams_ended_by_age_total counter\n\
-             flagsmith_sse_streams_ended_by_age_total {}",
+             flagsmith_sse_streams_ended_by_age_total {}\n\
+             # HELP flagsmith_sse_stream_refusals_total Refused stream requests, by whether the answer was held back first.\n\
+             # TYPE flagsmith_sse_stream_refusals_total counter\n\
+             flagsmith_sse_stream_refusals_total{{delayed=\"false\"}} {}\n\
+             flagsmith_sse_stream_refusals_total{{delayed=\"true\"}} {}",
             self.subscribers_total.load(Relaxed),
             self.subscribers_rejected.load(Relaxed),
             self.socket_subscribers.load(Relaxed),
             gauges.max_subscribers,
             self.streams_ended_by_age.load(Relaxed),
+            self.stream_refusals[0].load(Relaxed),
+            self.stream_refusals[1].load(Relaxed),
         );
         for (name, help, values) in [
             (
@@ -440,6 +453,7 @@ mod tests {
         );
         metrics.http_write(Message::Data);
         metrics.stream_reached_max_age();
+        metrics.stream_refused(true);
         metrics.http_error(Message::Keepalive);
         metrics.nats_error(NatsOp::CreateJetstream);
         metrics.delivered(std::time::Duration::from_millis(7));
@@ -459,6 +473,8 @@ mod tests {
             "flagsmith_sse_subscribers_rejected_total 2",
             "flagsmith_sse_subscribers_max 2",
             "flagsmith_sse_streams_ended_by_age_total 1",
+            "flagsmith_sse_stream_refusals_total{delayed=\"true\"} 1",
+            "flagsmith_sse_stream_refusals_total{delayed=\"false\"} 0",
             "flagsmith_sse_http_writes_total{message=\"data\"} 1",
             "flagsmith_sse_http_writes_total{message=\"keepalive\"} 0",
             "flagsmith_sse_http_errors_total{message=\"keepalive\"} 1",

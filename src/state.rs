@@ -138,12 +138,15 @@ impl AppState {
     /// response ends (Python's at once, whatever the status), so an instant refusal would
     /// have them spin. Returns at once when `MAX_DELAYED_REFUSALS` already wait.
     pub async fn delay_refusal(&self) {
-        if self.refusal_delay.is_zero() {
+        let place = if self.refusal_delay.is_zero() {
+            None
+        } else {
+            self.delayed_refusals.try_acquire().ok()
+        };
+        self.stream.metrics.stream_refused(place.is_some());
+        if place.is_none() {
             return;
         }
-        let Ok(_place) = self.delayed_refusals.try_acquire() else {
-            return;
-        };
         let serial = self.refusals.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(spread_delay(self.refusal_delay, serial)).await;
     }
