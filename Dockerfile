@@ -13,9 +13,11 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home flagsmith-sse
 COPY --from=build /src/target/release/flagsmith-sse /usr/local/bin/flagsmith-sse
 USER 10001
-ENV LISTEN_ADDR=:8080
-EXPOSE 8080
+# Flagsmith's Helm chart probes port 8000 (hard-coded for liveness) and its own image serves
+# 0.0.0.0:8000, so the image does too; the binary's own default stays :8080.
+ENV LISTEN_ADDR=:8000
+EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=2s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8080/livez || exit 1
+    CMD curl -fsS http://127.0.0.1:8000/livez || exit 1
 ENTRYPOINT ["/usr/local/bin/flagsmith-sse"]
 CMD ["serve"]

@@ -225,6 +225,8 @@ fn dockerfile_and_systemd_unit_match_the_service() {
         .find_map(|l| l.strip_prefix("ENV LISTEN_ADDR="))
         .expect("ENV LISTEN_ADDR");
     let port = port_of(listen);
+    // Flagsmith's chart probes 8000 (hard-coded for liveness); its own image serves there.
+    assert_eq!(port, 8000, "the image must listen where Flagsmith's chart probes");
     assert!(docker.lines().any(|l| l == format!("EXPOSE {port}")));
     assert!(
         docker.contains(&format!("http://127.0.0.1:{port}/livez")),
@@ -265,4 +267,31 @@ fn dockerfile_and_systemd_unit_match_the_service() {
         stop > 10,
         "TimeoutStopSec must outlast the default SHUTDOWN_TIMEOUT of 10 s"
     );
+}
+
+/// Flagsmith's chart (`charts/flagsmith/templates/deployment-sse.yaml`) runs the SSE image
+/// with `args: ["serve"]` on port 8000: switching to this service changes the image and
+/// says where updates are stored, nothing else.
+#[test]
+fn helm_values_for_flagsmiths_chart_change_only_the_image() {
+    let settings = settings();
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&file("deploy/helm/values-flagsmith-sse.yaml")).expect("YAML");
+    let top: Vec<&str> = values
+        .as_mapping()
+        .expect("mapping")
+        .keys()
+        .filter_map(|k| k.as_str())
+        .collect();
+    assert_eq!(top, ["sse"]);
+    let sse = values["sse"].as_mapping().expect("sse");
+    let keys: Vec<&str> = sse.keys().filter_map(|k| k.as_str()).collect();
+    assert_eq!(keys, ["enabled", "image", "extraEnv"]);
+    assert!(values["sse"]["image"]["repository"].as_str().is_some());
+    let env = values["sse"]["extraEnv"].as_mapping().expect("extraEnv");
+    let names: Vec<&str> = env.keys().filter_map(|k| k.as_str()).collect();
+    assert_eq!(names, ["NATS_URL"], "only where updates are stored");
+    for name in names {
+        assert!(settings.contains(name), "{name} is not a setting");
+    }
 }
