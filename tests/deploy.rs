@@ -226,7 +226,10 @@ fn dockerfile_and_systemd_unit_match_the_service() {
         .expect("ENV LISTEN_ADDR");
     let port = port_of(listen);
     // Flagsmith's chart probes 8000 (hard-coded for liveness); its own image serves there.
-    assert_eq!(port, 8000, "the image must listen where Flagsmith's chart probes");
+    assert_eq!(
+        port, 8000,
+        "the image must listen where Flagsmith's chart probes"
+    );
     assert!(docker.lines().any(|l| l == format!("EXPOSE {port}")));
     assert!(
         docker.contains(&format!("http://127.0.0.1:{port}/livez")),

@@ -109,6 +109,11 @@ struct SubscribeArgs {
     /// measure until each holds that update.
     #[arg(long)]
     storm: bool,
+    /// Stream-age churn: hold the subscribers this many seconds, reopening every stream the
+    /// server ends (as SDKs do). The first third is idle (the server's CPU then is the cost
+    /// of the churn alone); `--updates` are posted evenly over the rest.
+    #[arg(long)]
+    churn_s: Option<u64>,
     /// Give up waiting for connections or deliveries after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -387,6 +392,9 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         if args.h2 {
             wargs.push("--h2".into());
         }
+        if args.churn_s.is_some() {
+            wargs.push("--reconnect".into());
+        }
         handles.push(spawn_worker(wargs, counter)?);
     }
     let deadline = started + Duration::from_secs(args.timeout_s);
@@ -461,6 +469,24 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             report["rss_idle_bytes"] = idle.into();
             report["rss_bytes_per_subscriber"] = per.into();
         }
+        let mut interval = Duration::from_millis(args.interval_ms);
+        if let Some(churn_s) = args.churn_s {
+            let idle = Duration::from_secs(churn_s / 3);
+            let cpu_before = proc::cpu_micros(&args.target.server_pid);
+            tokio::time::sleep(idle).await;
+            if let Some((before, after)) = cpu_before.zip(proc::cpu_micros(&args.target.server_pid))
+            {
+                let share = (after - before) as f64 / 1e6 / idle.as_secs_f64();
+                println!(
+                    "server CPU while idle (streams ending and reopening, no updates) over {} s: {:.2} % of one core",
+                    idle.as_secs(),
+                    share * 100.0
+                );
+                report["idle_cpu_share_of_one_core"] = share.into();
+            }
+            interval = Duration::from_secs(churn_s - churn_s / 3) / args.updates.max(1) as u32;
+        }
+        let churn_started = Instant::now();
         let cpu_before = proc::cpu_micros(&args.target.server_pid);
         let per_env = subscribers_per_env(n, envs.len());
         let schedule = Instant::now();
@@ -478,8 +504,8 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             } else {
                 eprintln!("update {u}: queue-change answered {status}");
             }
-            if u + 1 < args.updates && args.rate.is_none() {
-                tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+            if (u + 1 < args.updates || args.churn_s.is_some()) && args.rate.is_none() {
+                tokio::time::sleep(interval).await;
             }
         }
         let deliver_deadline = Instant::now() + Duration::from_secs(args.timeout_s);
@@ -488,11 +514,14 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             println!("deliveries: timed out waiting; reporting what arrived");
         }
         cpu_window = cpu_before.zip(proc::cpu_micros(&args.target.server_pid));
+        report["churn_window_seconds"] = churn_started.elapsed().as_secs_f64().into();
     }
 
     // Collect and merge the workers' reports.
     let mut merged: HashMap<i64, Histogram> = HashMap::new();
     let mut first_event = Histogram::default();
+    let (mut reconnects, mut holding) = (0u64, HashMap::<i64, u64>::new());
+    let held_for = started.elapsed() - connect_time;
     for handle in &mut handles {
         let _ = handle.stdin.write_all(b"finish\n").await;
         let _ = handle.stdin.flush().await;
@@ -506,7 +535,23 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             merged.entry(ts).or_default().merge(&hist);
         }
         first_event.merge(&part.first_event);
+        reconnects += part.reconnects;
+        for (at, count) in part.holding {
+            *holding.entry(at).or_default() += count;
+        }
         let _ = handle.child.wait().await;
+    }
+    if args.churn_s.is_some() {
+        let per_second = reconnects as f64 / held_for.as_secs_f64();
+        let newest = published.iter().map(|(ts, _)| *ts).max();
+        let hold_newest = newest.map_or(0, |ts| holding.get(&ts).copied().unwrap_or(0));
+        println!(
+            "churn: {reconnects} streams reopened in {:.0} s ({per_second:.0} per second); {hold_newest} of {connected} subscribers hold the newest update at the end",
+            held_for.as_secs_f64()
+        );
+        report["reconnects"] = reconnects.into();
+        report["reconnects_per_second"] = per_second.into();
+        report["holding_newest"] = hold_newest.into();
     }
 
     if args.storm {

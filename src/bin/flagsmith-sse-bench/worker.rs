@@ -48,6 +48,9 @@ pub struct WorkerArgs {
     /// Connect with at most this many handshakes in flight (0: all at once, a storm).
     #[arg(long, default_value_t = 512)]
     pub connect_concurrency: usize,
+    /// When the server ends a stream (MAX_STREAM_AGE), open it again at once, as SDKs do.
+    #[arg(long)]
+    pub reconnect: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -60,12 +63,18 @@ pub struct WorkerReport {
     pub failed: usize,
     pub ended: usize,
     pub keepalives: u64,
+    /// Streams opened again after the server ended them.
+    pub reconnects: u64,
+    /// How many subscribers hold each newest `updated_at` (µs) at the end.
+    pub holding: HashMap<i64, u64>,
 }
 
 #[derive(Default)]
 struct Shared {
     report: WorkerReport,
     events: u64,
+    /// The newest `updated_at` each subscriber of this worker holds, by local index.
+    newest: Vec<i64>,
 }
 
 pub fn now_micros() -> i64 {
@@ -75,13 +84,22 @@ pub fn now_micros() -> i64 {
 }
 
 impl Shared {
+    /// Counts an event for subscriber `local` unless it holds that timestamp or a newer one
+    /// already: a reconnected stream opens with the latest, which is not a new delivery.
     fn record(
         &mut self,
+        local: usize,
         updated_at: i64,
         received: i64,
         (since, t0): (i64, i64),
         first: &mut bool,
     ) {
+        if let Some(newest) = self.newest.get_mut(local) {
+            if updated_at <= *newest {
+                return;
+            }
+            *newest = updated_at;
+        }
         if updated_at < since {
             return;
         }
@@ -112,7 +130,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 async fn work(args: WorkerArgs) -> anyhow::Result<()> {
     // Shared, not cloned per subscriber: the environment list can be thousands long.
     let args = Rc::new(args);
-    let shared = Rc::new(RefCell::new(Shared::default()));
+    let shared = Rc::new(RefCell::new(Shared {
+        newest: vec![0; args.subscribers],
+        ..Shared::default()
+    }));
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(
         if args.connect_concurrency == 0 {
             tokio::sync::Semaphore::MAX_PERMITS
@@ -195,6 +216,10 @@ async fn work(args: WorkerArgs) -> anyhow::Result<()> {
         hist.pack();
     }
     s.report.first_event.pack();
+    let newest = std::mem::take(&mut s.newest);
+    for at in newest {
+        *s.report.holding.entry(at).or_default() += 1;
+    }
     println!("result {}", serde_json::to_string(&s.report)?);
     let _ = std::io::stdout().flush();
     std::process::exit(0);
@@ -244,8 +269,54 @@ async fn h1_subscriber(
     source: IpAddr,
     index: usize,
     shared: &Rc<RefCell<Shared>>,
-    permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+    permit: Permit,
     done: &tokio::sync::mpsc::UnboundedSender<usize>,
+) -> anyhow::Result<()> {
+    let mut permit = Some(permit);
+    let mut first = true;
+    let mut opened = false;
+    loop {
+        let result = h1_stream(
+            args,
+            source,
+            index,
+            shared,
+            (&mut permit, &mut opened, done),
+            &mut first,
+        )
+        .await;
+        if !opened {
+            // The first stream decides whether this subscriber connected at all.
+            return result;
+        }
+        if !args.reconnect {
+            return Ok(());
+        }
+        if let Err(err) = result {
+            if shared.borrow().report.failed < 3 {
+                eprintln!("worker: subscriber {index}: {err}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+type Permit = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>;
+
+/// One stream: connect, read the head (then release the connect permit and say the
+/// subscriber connected, or count a reconnect), count events until the server ends the
+/// stream or the connection fails.
+async fn h1_stream(
+    args: &WorkerArgs,
+    source: IpAddr,
+    index: usize,
+    shared: &Rc<RefCell<Shared>>,
+    (permit, opened, done): (
+        &mut Option<Permit>,
+        &mut bool,
+        &tokio::sync::mpsc::UnboundedSender<usize>,
+    ),
+    first: &mut bool,
 ) -> anyhow::Result<()> {
     let mut tcp = connect(source, args.addr).await?;
     let request = format!(
@@ -270,13 +341,18 @@ async fn h1_subscriber(
         "status: {}",
         String::from_utf8_lossy(&head[..head.len().min(40)])
     );
-    drop(permit);
-    shared.borrow_mut().report.connected += 1;
-    let _ = done.send(1);
+    drop(permit.take());
+    if *opened {
+        shared.borrow_mut().report.reconnects += 1;
+    } else {
+        *opened = true;
+        shared.borrow_mut().report.connected += 1;
+        let _ = done.send(1);
+    }
     let mut chunked = Chunked::default();
     let mut events = Events::default();
-    let mut first = true;
     let since = (args.since_micros, args.t0_micros);
+    let local = index - args.first;
     let rest = head.split_off(body_start);
     drop(head);
     let mut feed = |bytes: &[u8], first: &mut bool| {
@@ -284,16 +360,16 @@ async fn h1_subscriber(
         let mut s = shared.borrow_mut();
         chunked.feed(bytes, |data| {
             events.feed(data, |updated_at| {
-                s.record(updated_at, received, since, first)
+                s.record(local, updated_at, received, since, first)
             });
         })
     };
-    let mut open = feed(&rest, &mut first);
+    let mut open = feed(&rest, first);
     while open {
         // Connected subscribers are not failures; a read error just ends this one.
         match tcp.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => open = feed(&buf[..n], &mut first),
+            Ok(n) => open = feed(&buf[..n], first),
         }
     }
     let mut s = shared.borrow_mut();
@@ -308,7 +384,7 @@ async fn h2_connection(
     first_index: usize,
     streams: usize,
     shared: &Rc<RefCell<Shared>>,
-    permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+    permit: Permit,
     done: &tokio::sync::mpsc::UnboundedSender<usize>,
 ) -> anyhow::Result<()> {
     let tcp = connect(source, args.addr).await?;
@@ -330,34 +406,46 @@ async fn h2_connection(
             env_of(args, index)
         ))
         .body(Empty::<Bytes>::new())?;
+        let request = RequestTemplate(request);
         let (shared, done, since) = (
             shared.clone(),
             done.clone(),
             (args.since_micros, args.t0_micros),
         );
+        let (reconnect, local) = (args.reconnect, index - args.first);
         tokio::task::spawn_local(async move {
             let result: anyhow::Result<()> = async {
-                sender.ready().await?;
-                let response = sender.send_request(request).await?;
-                anyhow::ensure!(response.status() == 200, "status {}", response.status());
-                shared.borrow_mut().report.connected += 1;
-                let _ = done.send(1);
-                let mut body = response.into_body();
-                let mut events = Events::default();
                 let mut first = true;
-                while let Some(Ok(frame)) = body.frame().await {
-                    if let Ok(data) = frame.into_data() {
-                        let received = now_micros();
-                        let mut s = shared.borrow_mut();
-                        events.feed(&data, |updated_at| {
-                            s.record(updated_at, received, since, &mut first)
-                        });
+                let mut opened = false;
+                loop {
+                    sender.ready().await?;
+                    let response = sender.send_request(request.clone()).await?;
+                    anyhow::ensure!(response.status() == 200, "status {}", response.status());
+                    if opened {
+                        shared.borrow_mut().report.reconnects += 1;
+                    } else {
+                        opened = true;
+                        shared.borrow_mut().report.connected += 1;
+                        let _ = done.send(1);
+                    }
+                    let mut body = response.into_body();
+                    let mut events = Events::default();
+                    while let Some(Ok(frame)) = body.frame().await {
+                        if let Ok(data) = frame.into_data() {
+                            let received = now_micros();
+                            let mut s = shared.borrow_mut();
+                            events.feed(&data, |updated_at| {
+                                s.record(local, updated_at, received, since, &mut first)
+                            });
+                        }
+                    }
+                    let mut s = shared.borrow_mut();
+                    s.report.ended += 1;
+                    s.report.keepalives += events.keepalives;
+                    if !reconnect {
+                        return Ok(());
                     }
                 }
-                let mut s = shared.borrow_mut();
-                s.report.ended += 1;
-                s.report.keepalives += events.keepalives;
-                Ok(())
             }
             .await;
             if let Err(err) = result {
@@ -371,4 +459,17 @@ async fn h2_connection(
         });
     }
     Ok(())
+}
+
+/// A bodiless GET that can be sent again (a `Request` is not `Clone`).
+struct RequestTemplate(hyper::Request<Empty<Bytes>>);
+
+impl RequestTemplate {
+    fn clone(&self) -> hyper::Request<Empty<Bytes>> {
+        let mut request = hyper::Request::new(Empty::new());
+        *request.method_mut() = self.0.method().clone();
+        *request.uri_mut() = self.0.uri().clone();
+        *request.headers_mut() = self.0.headers().clone();
+        request
+    }
 }
