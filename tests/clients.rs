@@ -429,14 +429,6 @@ async fn streams_end_by_age(service: &Service, sdk: &Sdk, more: u32) {
     .await;
 }
 
-/// The value of an unlabelled metric in a `/metricsz` text (panics if it is missing).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
-}
-
 #[tokio::test]
 async fn ruby_sees_updates_when_streams_end() {
     refetches_only_for_newer("ruby", |addr, sdk| tokio::spawn(ruby(addr, sdk))).await;

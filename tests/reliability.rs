@@ -136,11 +136,12 @@ async fn with_nats_down_streams_stay_open_with_keepalives_and_heal() {
     assert_eq!(resp.status, 503);
     assert_eq!(resp.headers["retry-after"], "1");
     let before = tracker.blocks.lock().expect("lock").len();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        tracker.blocks.lock().expect("lock").len() >= before + 3,
-        "no keep-alives while NATS is down"
-    );
+    eventually(
+        Duration::from_secs(10),
+        "three keep-alives while NATS is down",
+        || tracker.blocks.lock().expect("lock").len() >= before + 3,
+    )
+    .await;
     assert!(!tracker.ended());
     nats.restart();
     svc.wait_ready().await;
@@ -163,11 +164,8 @@ async fn clients_of_a_killed_instance_get_the_latest_from_another_at_once() {
     assert_eq!(on_a.next_update(5 * SECOND).await, Some(42.5));
     kill(a.pid(), "KILL");
     assert_eq!(a.wait_exit(Duration::from_secs(5)), Some(false));
-    assert_eq!(
-        on_a.next_block(5 * SECOND).await,
-        None,
-        "the stream ends with the instance"
-    );
+    // The stream ends with the instance.
+    on_a.expect_end(5 * SECOND).await;
     let mut on_b = b.subscribe("env").await;
     assert_eq!(on_b.next_update(2 * SECOND).await, Some(42.5));
 }
@@ -290,7 +288,18 @@ async fn a_subscriber_that_never_reads_is_dropped_and_costs_the_others_nothing()
     svc.wait_ready().await;
     let reader = Tracker::follow(svc.subscribe("env").await);
     let _stuck = stuck_subscriber(svc.addr, "env").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually_async(
+        Duration::from_secs(10),
+        "both subscribers counted",
+        async || {
+            get(svc.addr, "/metricsz")
+                .await
+                .body
+                .lines()
+                .any(|l| l == "flagsmith_sse_subscribers 2")
+        },
+    )
+    .await;
     let rss_before = rss_kib(svc.pid());
     let gauge = |body: &str| -> String {
         body.lines()
@@ -340,7 +349,7 @@ async fn a_subscriber_that_never_reads_is_dropped_and_costs_the_others_nothing()
     .await;
     let body = get(svc.addr, "/metricsz").await.body;
     assert!(
-        !body.contains("flagsmith_sse_http_errors_total{message=\"data\"} 0"),
+        metric(&body, "flagsmith_sse_http_errors_total{message=\"data\"}") >= 1.0,
         "the dropped subscriber's failed write is not counted:\n{body}"
     );
 }

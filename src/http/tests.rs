@@ -561,3 +561,33 @@ async fn paths_as_callers_write_them() {
     let (status, _, _) = send(&state, get("/sse/health")).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// A subscriber's own filter: when its environment's channel changes without a newer
+/// update (here the drain flag at shutdown), it must not send the same event again. The
+/// hub never holds an older update, so this is where the filter is what stops a repeat.
+#[tokio::test(start_paused = true)]
+async fn a_stream_never_repeats_an_event_when_its_channel_changes_without_news() {
+    use crate::hub::Update;
+    use std::time::SystemTime;
+    let (state, _) = state();
+    state.hub().apply(
+        "env",
+        Update {
+            timestamp: Timestamp::from_micros(1_000_000).expect("in range"),
+            sequence: 1,
+            stored_at: SystemTime::now(),
+        },
+    );
+    let response = handle(state.clone(), get("/sse/environments/env/stream"))
+        .await
+        .expect("infallible");
+    let mut body = response.into_body();
+    let frame = body.frame().await.expect("frame").expect("infallible");
+    assert_eq!(
+        &frame.into_data().expect("data")[..],
+        b"event: environment_updated\ndata: {\"updated_at\": 1.0}\n\n"
+    );
+    state.begin_drain();
+    // The channel changed (draining), the update did not: the stream ends, silently.
+    assert!(body.frame().await.is_none(), "the event was sent again");
+}

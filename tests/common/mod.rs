@@ -406,13 +406,37 @@ impl Sse {
         }
     }
 
+    /// What comes next within `within`: a block (event or comment), the end of the stream,
+    /// or nothing at all.
+    pub async fn next(&mut self, within: Duration) -> Next {
+        match tokio::time::timeout(within, self.blocks.recv()).await {
+            Ok(Some(block)) => Next::Block(block),
+            Ok(None) => Next::Ended,
+            Err(_) => Next::Quiet,
+        }
+    }
+
     /// The next block (event or comment) within `within`, or `None` if the stream ended or
-    /// nothing came.
+    /// nothing came (use `next` to tell those apart).
     pub async fn next_block(&mut self, within: Duration) -> Option<String> {
-        tokio::time::timeout(within, self.blocks.recv())
-            .await
-            .ok()
-            .flatten()
+        match self.next(within).await {
+            Next::Block(block) => Some(block),
+            Next::Ended | Next::Quiet => None,
+        }
+    }
+
+    /// Waits up to `within` for the stream to end, skipping what arrives before; panics if
+    /// it is still open then.
+    pub async fn expect_end(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Next::Block(_) => {}
+                Next::Ended => return,
+                Next::Quiet => panic!("the stream did not end within {within:?}"),
+            }
+        }
     }
 
     /// The `updated_at` of the next event, skipping keep-alive comments.
@@ -428,6 +452,20 @@ impl Sse {
         }
     }
 
+    /// Events (not comments) until one carries `last`, or until `within` passes.
+    pub async fn updates_until(&mut self, last: f64, within: Duration) -> Vec<f64> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        while out.last() != Some(&last) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_update(left).await {
+                Some(update) => out.push(update),
+                None => break,
+            }
+        }
+        out
+    }
+
     /// Events (not comments) that arrive within `within`.
     pub async fn updates_within(&mut self, within: Duration) -> Vec<f64> {
         let deadline = tokio::time::Instant::now() + within;
@@ -440,6 +478,16 @@ impl Sse {
         }
         out
     }
+}
+
+/// What a stream gave next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Block(String),
+    /// The response body ended (or the connection closed).
+    Ended,
+    /// Nothing came in the time given; the stream is still open.
+    Quiet,
 }
 
 fn stream_request(addr: SocketAddr, key: &str) -> Request<Full<Bytes>> {
@@ -532,37 +580,48 @@ impl NatsCluster {
     }
 }
 
-/// The last `updated_at` each stream received, kept by a background reader.
+/// The last `updated_at` each stream received, kept by a background reader. The reader
+/// only records; what it saw is checked by the test itself (`last`, `check_increasing`), so
+/// a failure is reported where it belongs, not as a poisoned lock or an ended stream.
 pub struct Tracker {
-    pub last: Arc<Mutex<Option<f64>>>,
     pub blocks: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Tracker {
     pub fn follow(mut sse: Sse) -> Tracker {
-        let last = Arc::new(Mutex::new(None));
         let blocks = Arc::new(Mutex::new(Vec::new()));
-        let (l, b) = (last.clone(), blocks.clone());
+        let b = blocks.clone();
         let task = tokio::spawn(async move {
             while let Some(block) = sse.next_block(Duration::from_secs(3600)).await {
-                if !block.starts_with(':') {
-                    let value = parse_event(&block);
-                    let mut last = l.lock().expect("lock");
-                    assert!(
-                        last.is_none_or(|v| value > v),
-                        "went backwards: {value} after {last:?}"
-                    );
-                    *last = Some(value);
+                if let Ok(mut blocks) = b.lock() {
+                    blocks.push(block);
                 }
-                b.lock().expect("lock").push(block);
             }
         });
-        Tracker { last, blocks, task }
+        Tracker { blocks, task }
     }
 
+    /// Every event's `updated_at` so far, in order (comments left out).
+    pub fn updates(&self) -> Vec<f64> {
+        self.blocks
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|b| !b.starts_with(':'))
+            .map(|b| parse_event(b))
+            .collect()
+    }
+
+    /// The newest `updated_at` received, after checking that every event was newer than
+    /// the one before (a stream never goes backwards).
     pub fn last(&self) -> Option<f64> {
-        *self.last.lock().expect("lock")
+        let updates = self.updates();
+        assert!(
+            updates.windows(2).all(|w| w[0] < w[1]),
+            "a stream went backwards or repeated itself: {updates:?}"
+        );
+        updates.last().copied()
     }
 
     pub fn ended(&self) -> bool {
@@ -645,4 +704,13 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
+}
+
+/// The value of one series (`name` or `name{labels}`) in a `/metricsz` text; panics if the
+/// series is missing, so that a check on its value cannot pass by its absence.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
 }
