@@ -5,6 +5,7 @@
 //! `state`; `broker` stores updates and feeds `hub`, which every `sse` subscriber reads.
 //! `routes` says which path is which endpoint, `error` what each failure answers,
 //! `timestamp` and `environment` check what clients send.
+#![forbid(unsafe_code)]
 pub mod broker;
 pub mod config;
 pub mod environment;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod h1_stream;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod memory_broker;
 pub mod metrics;
 pub mod routes;

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
-    match flagsmith_sse::server::raise_open_file_limit() {
+    match flagsmith_sse::limits::raise_open_file_limit() {
         Ok((before, soft, hard)) => {
             tracing::info!(soft_before = before, soft, hard, "open-file limit");
         }

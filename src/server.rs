@@ -23,6 +23,7 @@ use crate::config::{BrokerKind, Config, ConfigError};
 use crate::h1_stream::{self, Prefixed, Sniffed};
 use crate::http::handle;
 use crate::hub::Hub;
+use crate::limits;
 use crate::memory_broker::MemoryBroker;
 use crate::metrics::{LastWrite, Metrics};
 use crate::sse::StreamSettings;
@@ -99,7 +100,7 @@ impl Server {
         // Automatic: HTTP/1.1 subscribers (a socket each) stop short of the open-file limit;
         // HTTP/2 streams share their connections' sockets and are bounded per connection.
         let (max_subscribers, max_socket_subscribers) = match config.max_subscribers {
-            0 => (usize::MAX, default_max_subscribers()),
+            0 => (usize::MAX, limits::default_max_subscribers()),
             n => (n, n),
         };
         let state = Arc::new(AppState::new(
@@ -369,54 +370,12 @@ impl StreamSocket for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
 /// Running out of file descriptors must neither kill the server nor spin the accept loop:
 /// wait a moment for connections to close.
 async fn accept_error(err: io::Error) {
-    match err.raw_os_error() {
-        Some(libc_emfile) if libc_emfile == 24 || libc_emfile == 23 => {
-            error!(error = %err, "out of file descriptors; pausing accepts");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        _ => debug!(error = %err, "accept failed"),
-    }
-}
-
-/// Raises the soft open-file limit to the hard limit: every subscriber is a socket, and the
-/// soft limit is often 1,024. Returns (soft before, soft after, hard).
-pub fn raise_open_file_limit() -> io::Result<(u64, u64, u64)> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit through a valid pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let before = limit.rlim_cur;
-    if limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: setrlimit reads one rlimit through a valid pointer.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok((before, limit.rlim_cur, limit.rlim_max))
-}
-
-/// The open-file limit less headroom for NATS, probes, queue-change and the process itself
-/// (256: with the usual hard limit of 20,000, 19,000 subscribers still fit).
-fn default_max_subscribers() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit through a valid pointer.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur
+    if limits::is_out_of_descriptors(&err) {
+        error!(error = %err, "out of file descriptors; pausing accepts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     } else {
-        1024
-    };
-    usize::try_from(soft)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(256)
-        .max(64)
+        debug!(error = %err, "accept failed");
+    }
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {

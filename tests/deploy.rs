@@ -88,8 +88,8 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
     }
     assert!(used >= 15, "the dashboard references only {used} metrics");
 
-    let alerts: serde_yaml::Value =
-        serde_yaml::from_str(&file("deploy/prometheus/alerts.yml")).expect("alerts YAML");
+    let alerts: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&file("deploy/prometheus/alerts.yml")).expect("alerts YAML");
     let mut rules = 0;
     for group in alerts["groups"].as_sequence().expect("groups") {
         for rule in group["rules"].as_sequence().expect("rules") {
@@ -104,8 +104,9 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
         }
     }
     assert!(rules >= 6, "only {rules} alert rules");
-    let scrape: serde_yaml::Value =
-        serde_yaml::from_str(&file("deploy/prometheus/prometheus.yml")).expect("prometheus YAML");
+    let scrape: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&file("deploy/prometheus/prometheus.yml"))
+            .expect("prometheus YAML");
     assert_eq!(
         scrape["scrape_configs"][0]["metrics_path"].as_str(),
         Some("/metricsz")
@@ -115,8 +116,8 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
 #[test]
 fn compose_runs_nats_with_jetstream_two_instances_and_prometheus() {
     let settings = settings();
-    let compose: serde_yaml::Value =
-        serde_yaml::from_str(&file("docker-compose.yml")).expect("compose YAML");
+    let compose: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&file("docker-compose.yml")).expect("compose YAML");
     let services = compose["services"].as_mapping().expect("services");
     let nats = &compose["services"]["nats"];
     assert!(
@@ -167,8 +168,8 @@ fn compose_runs_nats_with_jetstream_two_instances_and_prometheus() {
 #[test]
 fn kubernetes_manifests_probe_the_right_paths_and_outlast_the_drain() {
     let settings = settings();
-    let docs: Vec<serde_yaml::Value> =
-        serde_yaml::Deserializer::from_str(&file("deploy/k8s/flagsmith-sse.yaml"))
+    let docs: Vec<serde_yaml_ng::Value> =
+        serde_yaml_ng::Deserializer::from_str(&file("deploy/k8s/flagsmith-sse.yaml"))
             .map(|d| serde::Deserialize::deserialize(d).expect("YAML document"))
             .collect();
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
@@ -278,8 +279,8 @@ fn dockerfile_and_systemd_unit_match_the_service() {
 #[test]
 fn helm_values_for_flagsmiths_chart_change_only_the_image() {
     let settings = settings();
-    let values: serde_yaml::Value =
-        serde_yaml::from_str(&file("deploy/helm/values-flagsmith-sse.yaml")).expect("YAML");
+    let values: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&file("deploy/helm/values-flagsmith-sse.yaml")).expect("YAML");
     let top: Vec<&str> = values
         .as_mapping()
         .expect("mapping")
