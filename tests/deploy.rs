@@ -299,3 +299,60 @@ fn helm_values_for_flagsmiths_chart_change_only_the_image() {
         assert!(settings.contains(name), "{name} is not a setting");
     }
 }
+
+/// Prometheus's own checker (`promtool`, Debian's `prometheus` package, installed by
+/// `scripts/test`) accepts what the service exports and the files deploy/ ships.
+#[tokio::test]
+async fn promtool_accepts_the_metrics_the_rules_and_the_config() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("promtool not found: install Debian's prometheus (scripts/test does)");
+    let svc = Service::start_with("nats://127.0.0.1:1", &[("BROKER", "memory")]);
+    svc.wait_readyz(200, Duration::from_secs(5)).await;
+    // Some traffic first, so that histograms and counters have values, not only zeros.
+    let _ = get(svc.addr, "/livez").await;
+    let text = get(svc.addr, "/metricsz").await.body;
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let out = check.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rules = dir.path().join("alerts.yml");
+    std::fs::write(&rules, file("deploy/prometheus/alerts.yml")).expect("rules");
+    let config = file("deploy/prometheus/prometheus.yml")
+        .replace("/etc/prometheus/alerts.yml", &rules.display().to_string());
+    let config_path = dir.path().join("prometheus.yml");
+    std::fs::write(&config_path, config).expect("config");
+    for args in [
+        vec!["check", "rules", rules.to_str().expect("utf-8")],
+        vec!["check", "config", config_path.to_str().expect("utf-8")],
+    ] {
+        let out = Command::new(promtool).args(&args).output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

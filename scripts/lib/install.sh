@@ -30,6 +30,17 @@ debian_chromium() {
   echo /usr/bin/chromium
 }
 
+# Prints the path of Prometheus's promtool (Debian's prometheus package), installing it if
+# missing: the tests check /metricsz and deploy/prometheus with it.
+debian_promtool() {
+  if [ ! -x /usr/bin/promtool ]; then
+    echo "installing Debian's prometheus (for promtool)" >&2
+    as_root apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >&2
+  fi
+  echo /usr/bin/promtool
+}
+
 # Prints the path of the pinned current nats-server, downloading it once into target/.
 current_nats() {
   local dir="target/nats-server-$NATS_CURRENT_VERSION"
