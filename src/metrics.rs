@@ -160,7 +160,9 @@ pub struct Metrics {
     http_writes: [AtomicU64; 3],
     nats_errors: [AtomicU64; 7],
     nats_reconnects: AtomicU64,
-    /// From the update being stored (JetStream's time) to its event written to a subscriber.
+    /// From the update being stored to its event written to a subscriber. "Stored" is
+    /// this instance's clock at the JetStream acknowledgement for updates it published, and
+    /// JetStream's own timestamp for those its consumer delivered from other instances.
     delivery_latency: Histogram,
     queue_change_duration: [Histogram; STATUSES.len()],
 }
