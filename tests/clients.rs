@@ -50,6 +50,16 @@ impl Sdk {
         }
     }
 
+    /// An event's `updated_at`, as parsed by the SDK (`None`: it could not parse it).
+    fn saw_parsed(&self, updated_at: Option<f64>) {
+        match updated_at {
+            Some(at) => self.saw(at),
+            None => {
+                self.unparsed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
     fn connects(&self) -> usize {
         self.connects.load(Ordering::SeqCst)
     }
@@ -90,6 +100,25 @@ fn stream_path() -> String {
     format!("/sse/environments/{KEY}/stream")
 }
 
+/// Opens the stream as an SDK that reconnects after every end does: the response, counted
+/// as a connect, or `None` after a short pause when the connection failed.
+async fn reopen(
+    addr: SocketAddr,
+    headers: &[(&str, &str)],
+    sdk: &Sdk,
+) -> Option<http::Response<hyper::body::Incoming>> {
+    match open(addr, &stream_path(), headers).await {
+        Ok(response) => {
+            sdk.connects.fetch_add(1, Ordering::SeqCst);
+            Some(response)
+        }
+        Err(_) => {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
+}
+
 /// The `updated_at` of a `data: {...}` payload, if it is a JSON object holding a number.
 fn updated_at(json: &str) -> Option<f64> {
     serde_json::from_str::<serde_json::Value>(json).ok()?["updated_at"].as_f64()
@@ -128,12 +157,7 @@ async fn ruby(addr: SocketAddr, sdk: Arc<Sdk>) {
             let Some(json) = line.strip_prefix("data: ") else {
                 continue;
             };
-            match updated_at(json.trim()) {
-                Some(at) => sdk.saw(at),
-                None => {
-                    sdk.unparsed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
+            sdk.saw_parsed(updated_at(json.trim()));
         }
     }
 }
@@ -144,20 +168,13 @@ async fn ruby(addr: SocketAddr, sdk: Arc<Sdk>) {
 /// again at once.
 async fn go(addr: SocketAddr, sdk: Arc<Sdk>) {
     loop {
-        let Ok(response) = open(
-            addr,
-            &stream_path(),
-            &[
-                ("user-agent", "Go-http-client/1.1"),
-                ("accept-encoding", "gzip"),
-            ],
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let headers = [
+            ("user-agent", "Go-http-client/1.1"),
+            ("accept-encoding", "gzip"),
+        ];
+        let Some(response) = reopen(addr, &headers, &sdk).await else {
             continue;
         };
-        sdk.connects.fetch_add(1, Ordering::SeqCst);
         let mut body = response.into_body();
         let mut pending = String::new();
         while let Some(Ok(frame)) = body.frame().await {
@@ -168,12 +185,7 @@ async fn go(addr: SocketAddr, sdk: Arc<Sdk>) {
             while let Some(end) = pending.find('\n') {
                 let line: String = pending.drain(..=end).collect();
                 if let Some(json) = line.trim_end_matches('\n').strip_prefix("data: ") {
-                    match updated_at(json) {
-                        Some(at) if at > 0.0 => sdk.saw(at),
-                        _ => {
-                            sdk.unparsed.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
+                    sdk.saw_parsed(updated_at(json).filter(|at| *at > 0.0));
                 }
             }
         }
@@ -187,24 +199,17 @@ async fn go(addr: SocketAddr, sdk: Arc<Sdk>) {
 /// at once.
 async fn ios(addr: SocketAddr, sdk: Arc<Sdk>) {
     loop {
-        let Ok(response) = open(
-            addr,
-            &stream_path(),
-            &[
-                (
-                    "accept",
-                    "text/event-stream, application/json; charset=utf-8",
-                ),
-                ("cache-control", "no-cache"),
-                ("connection", "keep-alive"),
-            ],
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let headers = [
+            (
+                "accept",
+                "text/event-stream, application/json; charset=utf-8",
+            ),
+            ("cache-control", "no-cache"),
+            ("connection", "keep-alive"),
+        ];
+        let Some(response) = reopen(addr, &headers, &sdk).await else {
             continue;
         };
-        sdk.connects.fetch_add(1, Ordering::SeqCst);
         let mut body = response.into_body();
         while let Some(Ok(frame)) = body.frame().await {
             let Ok(data) = frame.into_data() else {
@@ -214,12 +219,7 @@ async fn ios(addr: SocketAddr, sdk: Arc<Sdk>) {
                 continue;
             };
             for line in message.split('\n').filter(|l| l.starts_with("data:")) {
-                match updated_at(&line.replacen("data:", "", 1)) {
-                    Some(at) => sdk.saw(at),
-                    None => {
-                        sdk.unparsed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
+                sdk.saw_parsed(updated_at(&line.replacen("data:", "", 1)));
             }
         }
     }
@@ -265,19 +265,13 @@ async fn for_each_block(mut body: hyper::body::Incoming, mut each: impl FnMut(&s
 /// with non-empty data; `onClosed` opens a new EventSource at once.
 async fn android(addr: SocketAddr, sdk: Arc<Sdk>) {
     loop {
-        let Ok(response) = open(
-            addr,
-            &stream_path(),
-            &[
-                ("accept", "application/json"),
-                ("accept", "text/event-stream"),
-                ("x-environment-key", KEY),
-                ("user-agent", "flagsmith-kotlin-android-sdk/1.8.0"),
-            ],
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let headers = [
+            ("accept", "application/json"),
+            ("accept", "text/event-stream"),
+            ("x-environment-key", KEY),
+            ("user-agent", "flagsmith-kotlin-android-sdk/1.8.0"),
+        ];
+        let Some(response) = reopen(addr, &headers, &sdk).await else {
             continue;
         };
         let content_type = response
@@ -290,16 +284,10 @@ async fn android(addr: SocketAddr, sdk: Arc<Sdk>) {
             sdk.unparsed.fetch_add(1, Ordering::SeqCst);
             return;
         }
-        sdk.connects.fetch_add(1, Ordering::SeqCst);
         for_each_block(response.into_body(), |block| {
             let (event, data) = sse_fields(block);
             if event.as_deref() == Some("environment_updated") && !data.is_empty() {
-                match updated_at(&data) {
-                    Some(at) => sdk.saw(at),
-                    None => {
-                        sdk.unparsed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
+                sdk.saw_parsed(updated_at(&data));
             }
         })
         .await;
@@ -335,12 +323,7 @@ async fn flutter(addr: SocketAddr, sdk: Arc<Sdk>, interval: Duration) {
                     .ok()
                     .and_then(|v| v.get("updated_at").cloned())
                     .is_some_and(|v| v.is_f64());
-                match updated_at(&data) {
-                    Some(at) if is_double => sdk_for_stream.saw(at),
-                    _ => {
-                        sdk_for_stream.unparsed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
+                sdk_for_stream.saw_parsed(updated_at(&data).filter(|_| is_double));
             })
             .await;
         });

@@ -347,7 +347,10 @@ async fn promtool_accepts_the_metrics_the_rules_and_the_config() {
         vec!["check", "rules", rules.to_str().expect("utf-8")],
         vec!["check", "config", config_path.to_str().expect("utf-8")],
     ] {
-        let out = Command::new(promtool).args(&args).output().expect("promtool");
+        let out = Command::new(promtool)
+            .args(&args)
+            .output()
+            .expect("promtool");
         assert!(
             out.status.success(),
             "promtool {args:?}: {}{}",
