@@ -227,6 +227,16 @@ impl Service {
         }
     }
 
+    /// Waits until `/metricsz` shows `series` at `value`.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        eventually_async(
+            Duration::from_secs(10),
+            &format!("{series} to be {value}"),
+            async || metric(&get(self.addr, "/metricsz").await.body, series) == value,
+        )
+        .await;
+    }
+
     pub async fn publish(&self, key: &str, updated_at: &str) -> Resp {
         let body = format!("{{\"updated_at\": {updated_at}}}");
         post(
