@@ -331,15 +331,10 @@ async fn flutter(addr: SocketAddr, sdk: Arc<Sdk>, interval: Duration) {
     }
 }
 
-/// Posts `updated_at` (ISO-8601, as Flagsmith's API sends it) and returns it in seconds.
-async fn post_update(service: &Service, iso: &str, seconds: f64) -> f64 {
+/// Posts `updated_at` as Flagsmith's API sends it (an ISO-8601 string).
+async fn post_update(service: &Service, iso: &str) {
     let resp = service.publish(KEY, &format!("\"{iso}\"")).await;
     assert_eq!(resp.status, 200, "{}", resp.body);
-    seconds
-}
-
-async fn wait_for(what: &str, within: Duration, check: impl Fn() -> bool) {
-    eventually(within, what, check).await;
 }
 
 /// The scenario every emulation must pass: the update stored before it connects is fetched
@@ -351,20 +346,15 @@ async fn refetches_only_for_newer(
 ) {
     let service = service("1");
     service.wait_ready().await;
-    let first = post_update(
-        &service,
-        "2025-07-14T13:49:43.123456+00:00",
-        1752500983.123456,
-    )
-    .await;
+    post_update(&service, "2025-07-14T13:49:43.123456+00:00").await;
     let sdk = Arc::new(Sdk::default());
     let task = run(service.addr, sdk.clone());
     let within = Duration::from_secs(20);
-    wait_for(&format!("{name}: first refetch"), within, || {
+    eventually(within, &format!("{name}: first refetch"), || {
         sdk.refetches() == 1
     })
     .await;
-    assert_eq!(*sdk.last.lock().expect("lock"), first);
+    assert_eq!(*sdk.last.lock().expect("lock"), 1752500983.123456);
     // Three more streams ended by age, the SDK reconnecting after each (and each new one
     // opening with the equal timestamp).
     streams_end_by_age(&service, &sdk, 3).await;
@@ -373,10 +363,10 @@ async fn refetches_only_for_newer(
         1,
         "{name} refetched for an equal timestamp"
     );
-    let second = post_update(&service, "2025-07-14T13:49:44Z", 1752500984.0).await;
-    wait_for(
-        &format!("{name}: refetch for the newer update"),
+    post_update(&service, "2025-07-14T13:49:44Z").await;
+    eventually(
         within,
+        &format!("{name}: refetch for the newer update"),
         || sdk.refetches() == 2,
     )
     .await;
@@ -386,7 +376,7 @@ async fn refetches_only_for_newer(
         2,
         "{name} refetched for an equal timestamp"
     );
-    assert_eq!(*sdk.last.lock().expect("lock"), second);
+    assert_eq!(*sdk.last.lock().expect("lock"), 1752500984.0);
     assert_eq!(
         sdk.unparsed.load(Ordering::SeqCst),
         0,
@@ -400,10 +390,11 @@ async fn refetches_only_for_newer(
 async fn streams_end_by_age(service: &Service, sdk: &Sdk, more: u32) {
     let ended = |text: &str| metric(text, "flagsmith_sse_streams_ended_by_age_total");
     let before = ended(&get(service.addr, "/metricsz").await.body);
-    eventually_value(Duration::from_secs(20), || async {
-        (ended(&get(service.addr, "/metricsz").await.body) >= before + f64::from(more))
-            .then_some(())
-    })
+    eventually_async(
+        Duration::from_secs(20),
+        "streams ended by age",
+        async || ended(&get(service.addr, "/metricsz").await.body) >= before + f64::from(more),
+    )
     .await;
     let connects = sdk.connects();
     eventually(Duration::from_secs(20), "a reconnect", || {
@@ -569,45 +560,32 @@ async fn refusals_held_back_at_once_are_bounded() {
     }
     // With a 5-15 s delay nobody held back is answered within this test's wait: the ones
     // answered are those past the bound.
-    let text = eventually_value(Duration::from_secs(30), || async {
-        let text = get(service.addr, "/metricsz").await.body;
-        let at_once = metric(
-            &text,
-            "flagsmith_sse_stream_refusals_total{delayed=\"false\"}",
-        );
-        let delayed = metric(
-            &text,
-            "flagsmith_sse_stream_refusals_total{delayed=\"true\"}",
-        );
-        (at_once + delayed >= parallel as f64).then_some(text)
-    })
+    let counts = |text: &str| {
+        (
+            metric(
+                text,
+                "flagsmith_sse_stream_refusals_total{delayed=\"true\"}",
+            ),
+            metric(
+                text,
+                "flagsmith_sse_stream_refusals_total{delayed=\"false\"}",
+            ),
+        )
+    };
+    eventually_async(
+        Duration::from_secs(30),
+        "every refusal counted",
+        async || {
+            let (delayed, at_once) = counts(&get(service.addr, "/metricsz").await.body);
+            delayed + at_once >= parallel as f64
+        },
+    )
     .await;
-    let delayed = metric(
-        &text,
-        "flagsmith_sse_stream_refusals_total{delayed=\"true\"}",
-    );
-    let at_once = metric(
-        &text,
-        "flagsmith_sse_stream_refusals_total{delayed=\"false\"}",
-    );
+    let text = get(service.addr, "/metricsz").await.body;
+    let (delayed, at_once) = counts(&text);
     assert_eq!(delayed, 1024.0, "{text}");
     assert_eq!(at_once, (parallel - 1024) as f64, "{text}");
     for task in tasks {
         task.abort();
-    }
-}
-
-/// Polls `check` until it returns a value or `within` passes.
-async fn eventually_value<T, F: Future<Output = Option<T>>>(
-    within: Duration,
-    check: impl Fn() -> F,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -644,3 +644,57 @@ async fn json_logs_are_one_object_per_line_with_the_effective_configuration() {
         "the SSE token reached the log:\n{log}"
     );
 }
+
+/// A deployment configured for Flagsmith's own (polling) image starts unchanged: its
+/// settings are accepted and each is logged once as not needed.
+#[tokio::test]
+async fn settings_of_flagsmiths_image_are_accepted_and_logged_once() {
+    let svc = Service::start_with(
+        "nats://127.0.0.1:1",
+        &[
+            ("BROKER", "memory"),
+            ("STREAM_DELAY", "1"),
+            ("CACHE_UPDATE_INTERVAL_SECONDS", "1"),
+            ("REDIS_SCAN_COUNT", "500"),
+            ("MAX_STREAM_AGE", "30"),
+        ],
+    );
+    svc.wait_ready().await;
+    let log = svc.log();
+    for name in [
+        "STREAM_DELAY",
+        "CACHE_UPDATE_INTERVAL_SECONDS",
+        "REDIS_SCAN_COUNT",
+    ] {
+        let lines = log
+            .lines()
+            .filter(|l| l.contains(name) && l.contains("not needed"))
+            .count();
+        assert_eq!(lines, 1, "{name} logged {lines} times:\n{log}");
+    }
+}
+
+/// Over HTTP/2 a stream ends at its age with END_STREAM (the client sees the body end),
+/// not with a reset, and no write is counted as failed.
+#[tokio::test]
+async fn http2_streams_end_cleanly_at_their_age() {
+    let svc = Service::start_with(
+        "nats://127.0.0.1:1",
+        &[("BROKER", "memory"), ("MAX_STREAM_AGE", "1")],
+    );
+    svc.wait_ready().await;
+    assert_eq!(svc.publish(KEY, "5.5").await.status, 200);
+    let mut sse = Sse::connect_h2c(svc.addr, KEY).await;
+    assert_eq!(sse.version, http::Version::HTTP_2);
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(5.5));
+    sse.expect_end(5 * SECOND).await;
+    svc.wait_metric("flagsmith_sse_streams_ended_by_age_total", 1.0)
+        .await;
+    assert_eq!(
+        metric(
+            &get(svc.addr, "/metricsz").await.body,
+            "flagsmith_sse_http_errors_total{message=\"data\"}"
+        ),
+        0.0
+    );
+}
