@@ -16,6 +16,7 @@ pub mod hub;
 pub mod limits;
 pub mod memory_broker;
 pub mod metrics;
+pub mod procfs;
 pub mod routes;
 pub mod server;
 pub mod spread;

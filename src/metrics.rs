@@ -6,6 +6,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
 
+use crate::procfs::{self, Process};
+
 /// What was written to a client, the `message` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -387,33 +389,7 @@ impl Metrics {
 
 /// The standard process metrics, read from /proc/self at scrape time (Linux).
 fn render_process(out: &mut String) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // USER_HZ is 100 on the platforms we run on.
-    let cpu_seconds = (ticks(11) + ticks(12)) / 100.0;
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let max_fds = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .unwrap_or("0");
+    let me = Process::Current;
     let _ = writeln!(
         out,
         "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
@@ -421,14 +397,17 @@ fn render_process(out: &mut String) {
          process_resident_memory_bytes {}\n\
          # HELP process_open_fds Number of open file descriptors.\n\
          # TYPE process_open_fds gauge\n\
-         process_open_fds {open_fds}\n\
+         process_open_fds {}\n\
          # HELP process_max_fds Maximum number of open file descriptors.\n\
          # TYPE process_max_fds gauge\n\
-         process_max_fds {max_fds}\n\
+         process_max_fds {}\n\
          # HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
          # TYPE process_cpu_seconds_total counter\n\
-         process_cpu_seconds_total {cpu_seconds}",
-        rss_kib * 1024
+         process_cpu_seconds_total {}",
+        procfs::rss_bytes(me).unwrap_or(0),
+        procfs::open_fds(me).unwrap_or(0),
+        procfs::max_fds(me).unwrap_or_else(|| "0".to_owned()),
+        procfs::cpu_micros(me).unwrap_or(0) as f64 / 1e6,
     );
 }
 

@@ -695,25 +695,14 @@ pub fn kill(pid: u32, signal: &str) {
 
 /// User plus system CPU time of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("comm")
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 =
-        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / 100.0
+    flagsmith_sse::procfs::cpu_micros(flagsmith_sse::procfs::Process::Pid(pid)).expect("stat")
+        as f64
+        / 1e6
 }
 
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    flagsmith_sse::procfs::rss_bytes(flagsmith_sse::procfs::Process::Pid(pid)).expect("VmRSS")
+        / 1024
 }
 
 /// The value of one series (`name` or `name{labels}`) in a `/metricsz` text; panics if the

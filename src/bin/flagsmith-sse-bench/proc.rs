@@ -1,42 +1,21 @@
-//! The server's resident memory and CPU time, from /proc (Linux, same machine).
+//! The servers' resident memory and CPU time, summed over several processes.
 
-/// Sum of VmRSS over the given processes, in bytes.
+use flagsmith_sse::procfs::{self, Process};
+
+/// Sum of resident memory over the given processes, in bytes.
 pub fn rss_bytes(pids: &[u32]) -> Option<u64> {
-    if pids.is_empty() {
-        return None;
-    }
-    let mut total = 0;
-    for pid in pids {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        total += kib * 1024;
-    }
-    Some(total)
+    sum(pids, |pid| procfs::rss_bytes(Process::Pid(pid)))
 }
 
 /// Sum of user and system CPU time over the given processes (all threads), in µs.
 pub fn cpu_micros(pids: &[u32]) -> Option<u64> {
+    sum(pids, |pid| procfs::cpu_micros(Process::Pid(pid)))
+}
+
+/// `None` when there are no processes or one of them cannot be read.
+fn sum(pids: &[u32], read: impl Fn(u32) -> Option<u64>) -> Option<u64> {
     if pids.is_empty() {
         return None;
     }
-    // USER_HZ is 100 on every Linux architecture we run on.
-    let ticks = 100u64;
-    let mut total = 0;
-    for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name, which may contain spaces, close with ')'.
-        let after = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
-        total += (utime + stime) * 1_000_000 / ticks;
-    }
-    Some(total)
+    pids.iter().map(|pid| read(*pid)).sum()
 }
