@@ -14,7 +14,6 @@ pub mod h1_stream;
 pub mod http;
 pub mod hub;
 pub mod limits;
-pub mod memory_broker;
 pub mod metrics;
 pub mod procfs;
 pub mod routes;

@@ -18,13 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::broker::{Broker, BrokerError, NatsBroker, NatsSettings, redact};
+use crate::broker::memory::MemoryBroker;
+use crate::broker::nats::{NatsBroker, NatsSettings, redact};
+use crate::broker::{Broker, BrokerError};
 use crate::config::{BrokerKind, Config, ConfigError};
 use crate::h1_stream::{self, Prefixed, Sniffed};
 use crate::http::handle;
 use crate::hub::Hub;
 use crate::limits;
-use crate::memory_broker::MemoryBroker;
 use crate::metrics::{LastWrite, Metrics};
 use crate::sse::StreamSettings;
 use crate::state::{AppState, Settings};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use crate::broker::{BoxFuture, Broker, PublishError, Published};
+use super::{BoxFuture, Broker, PublishError, Published, already_current};
 use crate::hub::{Hub, Update};
 use crate::timestamp::Timestamp;
 
@@ -40,15 +40,8 @@ impl Broker for MemoryBroker {
             Published::Stored { sequence }
         } else {
             // Equal or older than what the hub holds (or shutting down): nothing moves back.
-            match self.hub.latest(key) {
-                Some(current) if current.timestamp == timestamp => Published::Duplicate {
-                    sequence: current.sequence,
-                },
-                Some(current) => Published::AlreadyCurrent {
-                    current: current.timestamp,
-                },
-                None => Published::AlreadyCurrent { current: timestamp },
-            }
+            already_current(&self.hub, key, timestamp)
+                .unwrap_or(Published::AlreadyCurrent { current: timestamp })
         };
         Box::pin(std::future::ready(Ok(outcome)))
     }

@@ -1,4 +1,4 @@
-//! The NATS JetStream side: storing updates and feeding the hub.
+//! The NATS JetStream backend: storing updates and feeding the hub.
 //!
 //! Each instance runs exactly one JetStream consumer for all environments: an ordered push
 //! consumer over `flagsmith.environment.>` that starts with the last message of every
@@ -7,8 +7,6 @@
 //! consumers cost the server ~39 KB each and are created at only a few thousand per second,
 //! which is where it stopped scaling.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -18,10 +16,10 @@ use async_nats::jetstream::{self, consumer::push, context::PublishErrorKind, str
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use thiserror::Error;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use super::{BoxFuture, Broker, BrokerError, PublishError, Published, boxed};
 use crate::environment::validate_key;
 use crate::hub::{Hub, Update};
 use crate::metrics::{Metrics, NatsOp};
@@ -34,52 +32,6 @@ const SUBJECT_FILTER: &str = "flagsmith.environment.>";
 /// How many times a publish is retried when another writer got to the same environment
 /// first; each retry re-reads what is stored, so this bounds a tight race, not a fault.
 const MAX_PUBLISH_ATTEMPTS: usize = 8;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// What the HTTP layer needs from whatever stores updates.
-pub trait Broker: Send + Sync + 'static {
-    /// Stores `timestamp` as `key`'s newest update; resolves once it is durably stored.
-    fn publish<'a>(
-        &'a self,
-        key: &'a str,
-        timestamp: Timestamp,
-    ) -> BoxFuture<'a, Result<Published, PublishError>>;
-
-    /// Connected and holding current data: what `/readyz` reports. Must not do I/O.
-    fn is_ready(&self) -> bool;
-
-    /// Connected to the broker at all. Must not do I/O.
-    fn is_connected(&self) -> bool;
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Published {
-    /// Stored now, at this stream sequence.
-    Stored { sequence: u64 },
-    /// The same update was stored before (a retried POST); not stored twice.
-    Duplicate { sequence: u64 },
-    /// An equal or newer timestamp is already stored, so this one must not replace it.
-    AlreadyCurrent { current: Timestamp },
-}
-
-#[derive(Debug, Error)]
-pub enum PublishError {
-    #[error("NATS is not connected")]
-    NotConnected,
-    #[error("NATS did not acknowledge the write: {0}")]
-    NotAcknowledged(String),
-    #[error("the environment kept changing under concurrent writes; retry")]
-    Contended,
-}
-
-#[derive(Debug, Error)]
-pub enum BrokerError {
-    #[error("NATS_URL {url:?}: {reason}")]
-    BadUrl { url: String, reason: String },
-    #[error("could not connect to NATS: {0}")]
-    Connect(String),
-}
 
 /// Settings of the NATS side, from `Config`.
 #[derive(Clone, Debug)]
@@ -144,7 +96,7 @@ impl NatsBroker {
         let client = options
             .connect(servers)
             .await
-            .map_err(|e| BrokerError::Connect(e.to_string()))?;
+            .map_err(|e| BrokerError::Connect(boxed(e)))?;
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(settings.timeout)
             .ack_timeout(settings.timeout)
@@ -184,7 +136,7 @@ impl NatsBroker {
         }
     }
 
-    async fn ensure_stream(&self) -> Result<stream::Stream, String> {
+    async fn ensure_stream(&self) -> Result<stream::Stream, PublishError> {
         let config = stream::Config {
             name: self.settings.stream.clone(),
             subjects: vec![SUBJECT_FILTER.to_owned()],
@@ -202,7 +154,7 @@ impl NatsBroker {
             .await
             .map_err(|e| {
                 self.metrics.nats_error(NatsOp::CreateJetstream);
-                format!("creating stream {}: {e}", config.name)
+                PublishError::Store(boxed(e))
             })?;
         if let Ok(info) = stream.info().await {
             let have = &info.config;
@@ -267,7 +219,7 @@ impl NatsBroker {
         }
     }
 
-    async fn consume(&self) -> Result<(), String> {
+    async fn consume(&self) -> Result<(), PublishError> {
         let stream = self.ensure_stream().await?;
         *self
             .consumed_stream
@@ -284,12 +236,12 @@ impl NatsBroker {
             .await
             .map_err(|e| {
                 self.metrics.nats_error(NatsOp::CreateConsumer);
-                format!("creating consumer: {e}")
+                PublishError::Store(boxed(e))
             })?;
         let pending = consumer.cached_info().num_pending;
         let mut messages = consumer.messages().await.map_err(|e| {
             self.metrics.nats_error(NatsOp::CreateConsumer);
-            format!("subscribing to consumer: {e}")
+            PublishError::Store(boxed(e))
         })?;
         if pending == 0 {
             self.mark_caught_up();
@@ -376,15 +328,15 @@ impl NatsBroker {
             .jetstream
             .get_stream_no_info(&self.settings.stream)
             .await
-            .map_err(|e| PublishError::NotAcknowledged(e.to_string()))?;
+            .map_err(|e| PublishError::Read(boxed(e)))?;
         match stream.get_last_raw_message_by_subject(subject).await {
             Ok(message) => {
                 let timestamp = Timestamp::from_update_json(&message.payload)
-                    .map_err(|e| PublishError::NotAcknowledged(format!("stored message: {e}")))?;
+                    .map_err(PublishError::StoredUnreadable)?;
                 Ok(Some((timestamp, message.sequence)))
             }
             Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(err) => Err(PublishError::NotAcknowledged(err.to_string())),
+            Err(err) => Err(PublishError::Read(boxed(err))),
         }
     }
 
@@ -449,9 +401,8 @@ impl NatsBroker {
                     // NATS came back without our stream (its store was lost, or someone
                     // deleted it): create it again and let the consumer follow.
                     warn!(stream = %self.settings.stream, "stream missing; creating it again");
-                    self.ensure_stream().await.map_err(|e| {
+                    self.ensure_stream().await.inspect_err(|_| {
                         self.metrics.nats_error(NatsOp::Publish);
-                        PublishError::NotAcknowledged(e)
                     })?;
                     self.stream_check.notify_one();
                     stored = None;
@@ -463,7 +414,7 @@ impl NatsBroker {
                 }
                 Err(err) => {
                     self.metrics.nats_error(NatsOp::Publish);
-                    return Err(PublishError::NotAcknowledged(err.to_string()));
+                    return Err(PublishError::Store(boxed(err)));
                 }
             }
         }
@@ -511,7 +462,7 @@ fn log_event(metrics: &Metrics, event: Event) {
 /// `nats://user:pass@host`), so we lift them out. The addresses keep no credentials, so
 /// they never reach a log.
 fn connect_options(url_list: &str) -> Result<(Vec<ServerAddr>, ConnectOptions), BrokerError> {
-    let bad = |reason: String| BrokerError::BadUrl {
+    let bad = |reason: Box<dyn std::error::Error + Send + Sync>| BrokerError::BadUrl {
         url: redact(url_list),
         reason,
     };
@@ -519,9 +470,7 @@ fn connect_options(url_list: &str) -> Result<(Vec<ServerAddr>, ConnectOptions), 
     let mut options = ConnectOptions::new();
     let mut credentials: Option<(String, Option<String>)> = None;
     for part in url_list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let addr: ServerAddr = part
-            .parse()
-            .map_err(|e: std::io::Error| bad(e.to_string()))?;
+        let addr: ServerAddr = part.parse().map_err(|e: std::io::Error| bad(boxed(e)))?;
         let mut url = addr.into_inner();
         if !url.username().is_empty() {
             let decode = |s: &str| {
@@ -537,7 +486,7 @@ fn connect_options(url_list: &str) -> Result<(Vec<ServerAddr>, ConnectOptions), 
             let _ = url.set_username("");
             let _ = url.set_password(None);
         }
-        servers.push(ServerAddr::from_url(url).map_err(|e| bad(e.to_string()))?);
+        servers.push(ServerAddr::from_url(url).map_err(|e| bad(boxed(e)))?);
     }
     if servers.is_empty() {
         return Err(bad("no server given".into()));
