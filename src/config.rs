@@ -17,15 +17,46 @@ pub struct Config {
     #[arg(value_parser = ["serve"], default_value = "serve", hide_default_value = true)]
     pub command: String,
 
-    /// Where updates are stored: `nats` (JetStream; any number of instances) or `memory`
-    /// (in this process only: one instance, no NATS, updates lost on restart).
-    #[arg(long, env = "BROKER", value_enum, default_value = "nats")]
-    pub broker: BrokerKind,
+    /// Where updates are stored: `nats` (JetStream), `redis` (Redis or Valkey; any number
+    /// of instances either way) or `memory` (in this process only: one instance, updates
+    /// lost on restart). Unset: `redis` when REDIS_HOST or REDIS_URL is set and NATS_URL is
+    /// not (the configuration of Flagsmith's own image), else `nats`.
+    #[arg(long, env = "BROKER", value_enum)]
+    pub broker: Option<BrokerKind>,
 
     /// URL of a NATS server, or several separated by commas. May carry credentials:
-    /// `nats://user:pass@host:4222` or `nats://token@host:4222`.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// `nats://user:pass@host:4222` or `nats://token@host:4222`. [default:
+    /// nats://127.0.0.1:4222]
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// Redis host, as Flagsmith's own image reads it. [default: localhost]
+    #[arg(long, env = "REDIS_HOST")]
+    pub redis_host: Option<String>,
+
+    /// Redis port, as Flagsmith's own image reads it.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    pub redis_port: u16,
+
+    /// Connect to a Redis Cluster (REDIS_HOST or REDIS_URL name seed nodes): `true` or
+    /// `false`, as Flagsmith's own image reads it.
+    #[arg(long, env = "USE_CLUSTER_MODE", default_value = "false", value_parser = parse_bool)]
+    pub use_cluster_mode: bool,
+
+    /// Connect to Redis over TLS (`rediss://`): `true` or `false`.
+    #[arg(long, env = "REDIS_USE_SSL", default_value = "false", value_parser = parse_bool)]
+    pub redis_use_ssl: bool,
+
+    /// Redis URL(s), for what REDIS_HOST cannot say: `redis://` or `rediss://`,
+    /// `user:password@`, a database (`/2`); several separated by commas for cluster seed
+    /// nodes. Wins over REDIS_HOST and REDIS_PORT.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// How long to wait for Redis to take a write before answering 503 (below the 2 s
+    /// after which Flagsmith's API gives up).
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
 
     /// Address to listen on for HTTP: `:8080` (every IPv4 interface), `127.0.0.1:8080`,
     /// `[::]:8080`. Port 0 picks a free port (the chosen address is logged).
@@ -149,8 +180,11 @@ pub enum LogFormat {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BrokerKind {
     Nats,
+    Redis,
     Memory,
 }
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -175,6 +209,48 @@ impl Config {
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         parse_listen_addr(&self.listen_addr)
+    }
+
+    /// The broker to use, and why (for the start-up log).
+    pub fn broker_choice(&self) -> (BrokerKind, &'static str) {
+        match self.broker {
+            Some(kind) => (kind, "BROKER is set"),
+            None if (self.redis_host.is_some() || self.redis_url.is_some())
+                && self.nats_url.is_none() =>
+            {
+                (
+                    BrokerKind::Redis,
+                    "REDIS_HOST or REDIS_URL is set and NATS_URL is not",
+                )
+            }
+            None => (BrokerKind::Nats, "the default"),
+        }
+    }
+
+    pub fn nats_url(&self) -> &str {
+        self.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL)
+    }
+
+    /// The Redis URLs to connect to: REDIS_URL's, or one built from REDIS_HOST,
+    /// REDIS_PORT and REDIS_USE_SSL.
+    pub fn redis_urls(&self) -> Vec<String> {
+        match &self.redis_url {
+            Some(urls) => urls
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            None => {
+                let scheme = if self.redis_use_ssl {
+                    "rediss"
+                } else {
+                    "redis"
+                };
+                let host = self.redis_host.as_deref().unwrap_or("localhost");
+                vec![format!("{scheme}://{host}:{}", self.redis_port)]
+            }
+        }
     }
 
     /// How long a stream lives, or `None` for ever (`MAX_STREAM_AGE` of 0 or less).
@@ -209,6 +285,15 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, ConfigError> {
     };
     full.parse()
         .map_err(|_| ConfigError::BadListenAddr(text.to_owned()))
+}
+
+/// `true`/`false` as Python and shell configurations write them (`True`, `1`, `yes`, ...).
+pub fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("{other:?} is not true or false")),
+    }
 }
 
 /// `15s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
@@ -307,6 +392,62 @@ mod tests {
             config.unneeded_settings(),
             [("STREAM_DELAY", "1"), ("REDIS_SCAN_COUNT", "500")]
         );
+    }
+
+    #[test]
+    fn the_broker_follows_what_is_configured() {
+        let choice = |args: &[&str]| {
+            let mut all = vec!["flagsmith-sse"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all)
+                .expect("parses")
+                .broker_choice()
+                .0
+        };
+        assert_eq!(choice(&[]), BrokerKind::Nats);
+        // Flagsmith's own image is configured with REDIS_HOST alone.
+        assert_eq!(choice(&["--redis-host", "redis"]), BrokerKind::Redis);
+        assert_eq!(
+            choice(&["--redis-url", "redis://r:6379"]),
+            BrokerKind::Redis
+        );
+        assert_eq!(
+            choice(&["--redis-host", "redis", "--nats-url", "nats://n:4222"]),
+            BrokerKind::Nats
+        );
+        assert_eq!(
+            choice(&["--redis-host", "redis", "--broker", "memory"]),
+            BrokerKind::Memory
+        );
+    }
+
+    #[test]
+    fn redis_urls_from_the_shipped_settings_or_redis_url() {
+        let config = Config::try_parse_from([
+            "flagsmith-sse",
+            "--redis-host",
+            "cache",
+            "--redis-port",
+            "6380",
+            "--redis-use-ssl",
+            "True",
+        ])
+        .expect("parses");
+        assert_eq!(config.redis_urls(), ["rediss://cache:6380"]);
+        assert_eq!(
+            Config::parse_from(["flagsmith-sse"]).redis_urls(),
+            ["redis://localhost:6379"]
+        );
+        let config = Config::try_parse_from([
+            "flagsmith-sse",
+            "--redis-url",
+            "redis://u:p@a:1/2, redis://b:2",
+        ])
+        .expect("parses");
+        assert_eq!(config.redis_urls(), ["redis://u:p@a:1/2", "redis://b:2"]);
+        assert_eq!(parse_bool("False"), Ok(false));
+        assert_eq!(parse_bool("TRUE"), Ok(true));
+        assert!(parse_bool("maybe").is_err());
     }
 
     #[test]

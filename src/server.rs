@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::nats::{NatsBroker, NatsSettings, redact};
+use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{BrokerKind, Config, ConfigError};
 use crate::h1_stream::{self, Prefixed, Sniffed};
@@ -81,11 +82,24 @@ impl Server {
 
         let hub = Arc::new(Hub::new(config.nats_stream_max_age));
         let metrics = Arc::new(Metrics::default());
-        let broker: Arc<dyn Broker> = match config.broker {
+        let (broker_kind, why) = config.broker_choice();
+        info!(broker = ?broker_kind, because = why, "broker chosen");
+        let broker: Arc<dyn Broker> = match broker_kind {
+            BrokerKind::Redis => {
+                RedisBroker::start(
+                    RedisSettings {
+                        urls: config.redis_urls(),
+                        cluster: config.use_cluster_mode,
+                        timeout: config.redis_timeout,
+                    },
+                    hub.clone(),
+                )
+                .await?
+            }
             BrokerKind::Nats => {
                 NatsBroker::start(
                     NatsSettings {
-                        url: config.nats_url.clone(),
+                        url: config.nats_url().to_owned(),
                         stream: config.nats_stream.clone(),
                         max_age: config.nats_stream_max_age,
                         replicas: config.nats_stream_replicas,
@@ -146,8 +160,12 @@ impl Server {
         info!(
             listen = %listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?,
             tls = tls.is_some(),
-            broker = ?config.broker,
-            nats_url = %redact(&config.nats_url),
+            broker = ?broker_kind,
+            store = %match broker_kind {
+                BrokerKind::Nats => redact(config.nats_url()),
+                BrokerKind::Redis => redact(&config.redis_urls().join(",")),
+                BrokerKind::Memory => "this process".to_owned(),
+            },
             stream = %config.nats_stream,
             max_age = ?config.nats_stream_max_age,
             replicas = config.nats_stream_replicas,

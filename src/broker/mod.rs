@@ -5,6 +5,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,9 +66,9 @@ pub enum PublishError {
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
-    #[error("NATS_URL {url:?}: {reason}")]
+    #[error("broker URL {url:?}: {reason}")]
     BadUrl { url: String, reason: BoxError },
-    #[error("could not connect to NATS: {0}")]
+    #[error("could not connect to the broker: {0}")]
     Connect(#[source] BoxError),
 }
 

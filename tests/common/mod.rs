@@ -162,13 +162,17 @@ impl Service {
     /// Starts the service through `sh -c "<shell_prefix> exec flagsmith-sse"`, e.g. to set
     /// resource limits first.
     pub fn start_wrapped(nats_url: &str, shell_prefix: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_command(shell_prefix, Some(nats_url), env)
+    }
+
+    fn start_command(shell_prefix: &str, nats_url: Option<&str>, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new("sh");
         command
             .arg("-c")
             .arg(format!("{shell_prefix} exec \"$0\""))
             .arg(env!("CARGO_BIN_EXE_flagsmith-sse"))
             .env_clear()
-            .env("NATS_URL", nats_url)
+            .envs(nats_url.map(|url| ("NATS_URL", url)))
             .env("LISTEN_ADDR", "127.0.0.1:0")
             .env("SSE_AUTHENTICATION_TOKEN", TOKEN)
             .env("LOG_LEVEL", "debug")
@@ -712,4 +716,137 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+}
+
+/// A `redis-server` (Debian's package) on a free port with its data in a temporary
+/// directory (append-only file, so a restart keeps what was acknowledged).
+pub struct Redis {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub port: u16,
+    extra_args: Vec<String>,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut redis = Redis {
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            port: 0,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        // A port found free can be taken before redis-server binds it: try a few.
+        for _ in 0..5 {
+            redis.port = free_port();
+            if redis.spawn() {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start: {}", redis.log());
+    }
+
+    fn spawn(&mut self) -> bool {
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&data)
+            .args([
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (Debian's redis-server package)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return true;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 7];
+        tcp.write_all(b"PING\r\n").is_ok()
+            && tcp.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(self.spawn(), "redis-server did not restart: {}", self.log());
+    }
+
+    /// Starts it again on the same port with no data, as a server whose disk was lost.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+        assert!(self.spawn(), "redis-server did not restart: {}", self.log());
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Service {
+    /// An instance on Redis at `redis_url` (`BROKER=redis`), with more settings.
+    pub fn start_redis(redis_url: &str, env: &[(&str, &str)]) -> Self {
+        let mut all = vec![("BROKER", "redis"), ("REDIS_URL", redis_url)];
+        all.extend_from_slice(env);
+        Self::start_without_nats(&all)
+    }
+
+    /// An instance whose environment names no NATS at all (as Flagsmith's Redis image is
+    /// configured).
+    pub fn start_without_nats(env: &[(&str, &str)]) -> Self {
+        Self::start_command("", None, env)
+    }
 }

@@ -1,0 +1,179 @@
+//! The Redis broker against real `redis-server` processes (Debian's package): the same
+//! guarantees as the NATS broker, and Flagsmith's own image's configuration selecting it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const KEY: &str = "n9fbf9h3v4fFgH3U3ngWhb";
+
+#[tokio::test]
+async fn the_configuration_of_flagsmiths_image_alone_selects_redis() {
+    let redis = Redis::start();
+    let port = redis.port.to_string();
+    // What Flagsmith's Redis image is given: REDIS_HOST and REDIS_PORT, nothing of NATS.
+    let svc = Service::start_without_nats(&[
+        ("REDIS_HOST", "127.0.0.1"),
+        ("REDIS_PORT", &port),
+        ("USE_CLUSTER_MODE", "False"),
+        ("REDIS_USE_SSL", "False"),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "1"),
+        ("STREAM_DELAY", "1"),
+    ]);
+    svc.wait_ready().await;
+    let log = svc.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("broker chosen") && l.contains("Redis")),
+        "Redis not chosen:\n{log}"
+    );
+    let mut sse = svc.subscribe(KEY).await;
+    let resp = svc
+        .publish(KEY, "\"2025-07-14T13:49:43.123456+00:00\"")
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(resp.json()["status"], "stored");
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(1752500983.123456));
+}
+
+#[tokio::test]
+async fn retries_and_out_of_order_posts_across_instances_never_move_backwards() {
+    let redis = Redis::start();
+    let a = Service::start_redis(&redis.url(), &[]);
+    let b = Service::start_redis(&redis.url(), &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut on_b = b.subscribe(KEY).await;
+
+    let first = a.publish(KEY, "100.5").await;
+    assert_eq!(first.json()["status"], "stored", "{}", first.body);
+    let retry = a.publish(KEY, "100.5").await;
+    assert_eq!(retry.status, 200);
+    assert_ne!(retry.json()["status"], "stored", "{}", retry.body);
+    let newer = b.publish(KEY, "300.25").await;
+    assert_eq!(newer.json()["status"], "stored", "{}", newer.body);
+    // Older, on the instance that did not store the newer one, straight away: Redis's
+    // compare-and-set refuses it even if this instance has not heard of 300.25 yet.
+    let older = a.publish(KEY, "200").await;
+    assert_eq!(older.status, 200, "{}", older.body);
+    assert_eq!(older.json()["status"], "already_current", "{}", older.body);
+
+    let got = on_b.updates_until(300.25, 10 * SECOND).await;
+    assert!(
+        got == [100.5, 300.25] || got == [300.25],
+        "subscriber on B saw {got:?}"
+    );
+    // Posted on A, seen on B: one subscription per instance carries it across.
+    let mut on_a = a.subscribe(KEY).await;
+    assert_eq!(on_a.next_update(5 * SECOND).await, Some(300.25));
+    // A new instance loads the newest from Redis at start-up.
+    let c = Service::start_redis(&redis.url(), &[]);
+    c.wait_ready().await;
+    let mut on_c = c.subscribe(KEY).await;
+    assert_eq!(on_c.next_update(5 * SECOND).await, Some(300.25));
+}
+
+#[tokio::test]
+async fn concurrent_posts_in_random_order_end_at_the_newest_everywhere() {
+    let redis = Redis::start();
+    let a = Service::start_redis(&redis.url(), &[]);
+    let b = Service::start_redis(&redis.url(), &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut watcher = b.subscribe("race").await;
+    let mut order: Vec<u64> = (1..=40).collect();
+    order.sort_by_key(|n| (n * 7919) % 41);
+    let posts = order.iter().map(|n| {
+        let svc = if n % 2 == 0 { &a } else { &b };
+        let value = format!("{n}.5");
+        async move { svc.publish("race", &value).await }
+    });
+    for resp in futures_util::future::join_all(posts).await {
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    let seen = watcher.updates_until(40.5, 10 * SECOND).await;
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&40.5), "{seen:?}");
+    // What Redis holds is the newest too: an instance started now loads it from there.
+    let c = Service::start_redis(&redis.url(), &[]);
+    c.wait_ready().await;
+    for svc in [&a, &b, &c] {
+        let mut sse = svc.subscribe("race").await;
+        assert_eq!(sse.next_update(5 * SECOND).await, Some(40.5));
+    }
+}
+
+/// Redis down: 503 with Retry-After, /readyz 503, streams stay open with keep-alives;
+/// Redis back with its data: everything heals without a restart of ours, and what was
+/// posted meanwhile elsewhere is not lost.
+#[tokio::test]
+async fn a_redis_restart_heals_and_loses_nothing() {
+    let mut redis = Redis::start();
+    let a = Service::start_redis(&redis.url(), &[("KEEPALIVE_INTERVAL", "300ms")]);
+    let b = Service::start_redis(&redis.url(), &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let tracker = Tracker::follow(a.subscribe("env").await);
+    assert_eq!(b.publish("env", "1.5").await.status, 200);
+    eventually(10 * SECOND, "first update", || tracker.last() == Some(1.5)).await;
+
+    redis.stop();
+    a.wait_readyz(503, Duration::from_secs(10)).await;
+    let resp = a.publish("env", "2.5").await;
+    assert_eq!(resp.status, 503, "{}", resp.body);
+    assert_eq!(resp.headers["retry-after"], "1");
+    let before = tracker.blocks.lock().expect("lock").len();
+    eventually(10 * SECOND, "keep-alives while Redis is down", || {
+        tracker.blocks.lock().expect("lock").len() >= before + 3
+    })
+    .await;
+    assert!(!tracker.ended());
+
+    redis.restart();
+    b.wait_ready().await;
+    b.publish_until_ok("env", "3.5").await;
+    // A was not told by pub/sub (there is none): it reads the stream from where it was.
+    eventually(
+        15 * SECOND,
+        "the update posted on B after the restart",
+        || tracker.last() == Some(3.5),
+    )
+    .await;
+    a.wait_ready().await;
+}
+
+/// Redis back without its data: the next writes repopulate it, and every instance follows
+/// the new stream without a restart.
+#[tokio::test]
+async fn a_redis_that_lost_its_data_is_repopulated_by_the_next_writes() {
+    let mut redis = Redis::start();
+    let a = Service::start_redis(&redis.url(), &[]);
+    let b = Service::start_redis(&redis.url(), &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    for n in 1..=5 {
+        assert_eq!(a.publish("env", &format!("{n}.5")).await.status, 200);
+    }
+    let tracker = Tracker::follow(b.subscribe("env").await);
+    eventually(10 * SECOND, "5.5 on B", || tracker.last() == Some(5.5)).await;
+
+    redis.restart_empty();
+    a.wait_ready().await;
+    b.wait_ready().await;
+    // An older post than what the instances hold is answered from memory, not stored.
+    let resp = a.publish_until_ok("env", "4.5").await;
+    assert_eq!(resp.json()["status"], "already_current", "{}", resp.body);
+    let resp = a.publish_until_ok("env", "9.5").await;
+    assert_eq!(resp.json()["status"], "stored", "{}", resp.body);
+    eventually(10 * SECOND, "9.5 on B after the data loss", || {
+        tracker.last() == Some(9.5)
+    })
+    .await;
+    // A third instance, started now, loads the repopulated store.
+    let c = Service::start_redis(&redis.url(), &[]);
+    c.wait_ready().await;
+    let mut on_c = c.subscribe("env").await;
+    assert_eq!(on_c.next_update(5 * SECOND).await, Some(9.5));
+}
