@@ -70,7 +70,7 @@ pub struct RedisSettings {
 #[derive(Clone)]
 enum Client {
     Single(redis::Client),
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 /// A connection to one server or a cluster; both speak the same commands.
@@ -351,7 +351,7 @@ fn client(settings: &RedisSettings, response_timeout: Duration) -> Result<Client
             .connection_timeout(Duration::from_secs(2))
             .response_timeout(response_timeout)
             .build()
-            .map(Client::Cluster)
+            .map(|client| Client::Cluster(Box::new(client)))
             .map_err(bad)
     } else {
         let url = settings.urls.first().map(String::as_str).unwrap_or("");
