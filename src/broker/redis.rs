@@ -69,7 +69,7 @@ pub struct RedisSettings {
 /// A client for one server or a cluster.
 #[derive(Clone)]
 enum Client {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Cluster(Box<ClusterClient>),
 }
 
@@ -135,7 +135,7 @@ impl RedisBroker {
                 // Lazy: connects (and reconnects) on use, so a Redis that is down at
                 // start-up delays readiness, not the start.
                 Connection::Single(
-                    ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    ConnectionManager::new_lazy_with_config((**client).clone(), config)
                         .map_err(|e| BrokerError::Connect(boxed(e)))?,
                 )
             }
@@ -355,7 +355,9 @@ fn client(settings: &RedisSettings, response_timeout: Duration) -> Result<Client
             .map_err(bad)
     } else {
         let url = settings.urls.first().map(String::as_str).unwrap_or("");
-        redis::Client::open(url).map(Client::Single).map_err(bad)
+        redis::Client::open(url)
+            .map(|client| Client::Single(Box::new(client)))
+            .map_err(bad)
     }
 }
 
