@@ -53,6 +53,12 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Replicas that must hold a write before queue-change answers 200 (Redis `WAIT`). 0:
+    /// the primary's copy suffices. 1 or more (with replicas, e.g. a cluster with
+    /// `--cluster-replicas 1`): an acknowledged update survives a failover.
+    #[arg(long, env = "REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
     /// How long to wait for Redis to take a write before answering 503 (below the 2 s
     /// after which Flagsmith's API gives up).
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]

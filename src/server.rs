@@ -91,6 +91,7 @@ impl Server {
                         urls: config.redis_urls(),
                         cluster: config.use_cluster_mode,
                         timeout: config.redis_timeout,
+                        wait_replicas: config.redis_wait_replicas,
                     },
                     hub.clone(),
                 )

@@ -177,3 +177,101 @@ async fn a_redis_that_lost_its_data_is_repopulated_by_the_next_writes() {
     let mut on_c = c.subscribe("env").await;
     assert_eq!(on_c.next_update(5 * SECOND).await, Some(9.5));
 }
+
+/// A Redis Cluster (three primaries with a replica each) loses the primary that holds our
+/// keys while updates flow, and it comes back (as a replica of the promoted one): every
+/// update acknowledged with 200 (after a replica took it, `REDIS_WAIT_REPLICAS=1`) is the
+/// newest each environment ends at, on every instance. While no replica can take a write,
+/// queue-change answers 503 and Flagsmith's task processor retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_primary_loss_loses_no_acknowledged_update() {
+    let mut cluster = RedisCluster::start();
+    // Streams live through the whole test (it outlasts the default age of 30 s).
+    let env = [
+        ("USE_CLUSTER_MODE", "true"),
+        ("REDIS_WAIT_REPLICAS", "1"),
+        ("MAX_STREAM_AGE", "0"),
+    ];
+    let urls = cluster.urls();
+    let a = Service::start_redis(&urls, &env);
+    let b = Service::start_redis(&urls, &env);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let envs = ["e0", "e1", "e2", "e3", "e4"];
+    let mut trackers = Vec::new();
+    for name in envs {
+        for svc in [&a, &b] {
+            trackers.push((name, Tracker::follow(svc.subscribe(name).await)));
+        }
+    }
+    let mut newest_acked = [0.0f64; 5];
+    let mut answered = (0, 0);
+    let primary = cluster.primary_for("{flagsmith-sse}:latest");
+    for round in 1..=120u32 {
+        if round == 30 {
+            cluster.nodes[primary].stop();
+        }
+        if round == 60 {
+            cluster.nodes[primary].restart();
+        }
+        let i = (round % 5) as usize;
+        let svc = if round % 2 == 0 { &a } else { &b };
+        let value = f64::from(round) + 0.5;
+        let resp = svc.publish(envs[i], &format!("{value}")).await;
+        match resp.status {
+            200 => {
+                newest_acked[i] = newest_acked[i].max(value);
+                answered.0 += 1;
+            }
+            503 => answered.1 += 1,
+            other => panic!("status {other}: {}", resp.body),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        answered.0 >= 60,
+        "too few writes acknowledged: {answered:?}"
+    );
+    // A write answered 503 may still have been stored (its replica did not confirm in
+    // time): each environment ends at its newest acknowledged update or a newer one, the
+    // same on every instance.
+    let mut settled = [0.0f64; 5];
+    for (i, name) in envs.iter().enumerate() {
+        let of_env: Vec<&Tracker> = trackers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .collect();
+        let lasts = || of_env.iter().map(|t| t.last()).collect::<Vec<_>>();
+        let settled_now = || {
+            let now = lasts();
+            now.iter().all(|l| *l == now[0]) && now[0].is_some_and(|l| l >= newest_acked[i])
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !settled_now() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: instances hold {:?}, newest acknowledged {}",
+                lasts(),
+                newest_acked[i],
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        settled[i] = of_env[0].last().unwrap_or_default();
+    }
+    println!(
+        "acknowledged {} writes, 503 for {}; newest acknowledged {newest_acked:?}, settled at {settled:?}",
+        answered.0, answered.1
+    );
+    // An instance started after the failover loads the same from the new primary.
+    let c = Service::start_redis(&urls, &env);
+    c.wait_ready().await;
+    for (i, name) in envs.iter().enumerate() {
+        let mut sse = c.subscribe(name).await;
+        assert_eq!(
+            sse.next_update(5 * SECOND).await,
+            Some(settled[i]),
+            "{name}"
+        );
+    }
+}

@@ -30,6 +30,17 @@ debian_chromium() {
   echo /usr/bin/chromium
 }
 
+# Prints the path of Debian's redis-server (with redis-cli, for the cluster tests),
+# installing it if missing.
+debian_redis() {
+  if [ ! -x /usr/bin/redis-server ] || [ ! -x /usr/bin/redis-cli ]; then
+    echo "installing Debian's redis-server" >&2
+    as_root apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends redis-server redis-tools >&2
+  fi
+  echo /usr/bin/redis-server
+}
+
 # Prints the path of Prometheus's promtool (Debian's prometheus package), installing it if
 # missing: the tests check /metricsz and deploy/prometheus with it.
 debian_promtool() {

@@ -12,13 +12,14 @@
 //! connect" is served from memory. Plain pub/sub would drop what is sent while an instance
 //! is disconnected; the stream does not.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
 use tracing::{debug, info, warn};
 
@@ -37,7 +38,7 @@ const STREAM_MAX_LEN: u64 = 100_000;
 /// How long one blocking read waits before it is sent again (well below the reader's
 /// response timeout, so that an idle Redis is not mistaken for a dead one).
 const READ_BLOCK_MS: u64 = 2_000;
-const READ_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Compare-and-set of an environment's newest timestamp, and the stream entry, in one step.
 /// Returns `{1, stream id}` when stored, `{0, current}` when an equal or newer one is held.
@@ -64,6 +65,10 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// How long to wait for Redis to take a write before answering 503.
     pub timeout: Duration,
+    /// Replicas that must hold a write (`WAIT`) before it is acknowledged: 0 answers once
+    /// the primary has it; 1 or more keeps acknowledged writes across a failover, in a
+    /// cluster or a primary with replicas.
+    pub wait_replicas: u32,
 }
 
 /// A client for one server or a cluster.
@@ -78,7 +83,8 @@ enum Client {
 enum Connection {
     Single(ConnectionManager),
     Reader(redis::aio::MultiplexedConnection),
-    Cluster(ClusterConnection),
+    /// A cluster, and the hash slot our two keys live in.
+    Cluster(ClusterConnection, u16),
 }
 
 impl ConnectionLike for Connection {
@@ -86,7 +92,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
             Connection::Reader(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c, _) => c.req_packed_command(cmd),
         }
     }
 
@@ -99,7 +105,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
             Connection::Reader(c) => c.req_packed_commands(cmd, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c, _) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -107,13 +113,13 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Single(c) => c.get_db(),
             Connection::Reader(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
+            Connection::Cluster(c, _) => c.get_db(),
         }
     }
 }
 
 pub struct RedisBroker {
-    writer: Connection,
+    writer: Arc<Writer>,
     script: Script,
     settings: RedisSettings,
     hub: Arc<Hub>,
@@ -126,7 +132,11 @@ impl RedisBroker {
     /// the reader that feeds `hub`. `/readyz` says 503 until the reader has loaded the hash.
     pub async fn start(settings: RedisSettings, hub: Arc<Hub>) -> Result<Arc<Self>, BrokerError> {
         let client = client(&settings, settings.timeout)?;
-        let writer = match &client {
+        let writer = Arc::new(Writer {
+            current: Mutex::new(None),
+            client,
+        });
+        match &writer.client {
             Client::Single(client) => {
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(settings.timeout))
@@ -134,25 +144,12 @@ impl RedisBroker {
                     .set_max_delay(Duration::from_secs(2));
                 // Lazy: connects (and reconnects) on use, so a Redis that is down at
                 // start-up delays readiness, not the start.
-                Connection::Single(
-                    ConnectionManager::new_lazy_with_config((**client).clone(), config)
-                        .map_err(|e| BrokerError::Connect(boxed(e)))?,
-                )
+                let manager = ConnectionManager::new_lazy_with_config((**client).clone(), config)
+                    .map_err(|e| BrokerError::Connect(boxed(e)))?;
+                writer.replace(Connection::Single(manager));
             }
-            Client::Cluster(client) => {
-                let mut delay = Duration::from_millis(100);
-                loop {
-                    match client.get_async_connection().await {
-                        Ok(connection) => break Connection::Cluster(connection),
-                        Err(err) => {
-                            warn!(error = %err, retry_in = ?delay, "Redis Cluster not reachable");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(2));
-                        }
-                    }
-                }
-            }
-        };
+            Client::Cluster(_) => writer.connect_cluster(),
+        }
         let broker = Arc::new(Self {
             writer,
             script: Script::new(STORE_SCRIPT),
@@ -199,7 +196,10 @@ impl RedisBroker {
                     )
                     .await?,
             ),
-            Client::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
+            Client::Cluster(client) => {
+                let (connection, slot) = cluster_connection(client).await?;
+                Connection::Cluster(connection, slot)
+            }
         };
         // Where the stream stands before loading the hash: every write after the load is
         // read from here on, so nothing falls between the two.
@@ -232,16 +232,23 @@ impl RedisBroker {
             info!(environments = held.len(), "Redis connected; caught up");
         }
         loop {
-            let reply: Value = redis::cmd("XREAD")
+            let mut xread = redis::cmd("XREAD");
+            xread
                 .arg("COUNT")
                 .arg(1000)
                 .arg("BLOCK")
                 .arg(READ_BLOCK_MS)
                 .arg("STREAMS")
                 .arg(STREAM_KEY)
-                .arg(last_id.as_str())
-                .query_async(&mut connection)
-                .await?;
+                .arg(last_id.as_str());
+            let read = xread.query_async::<Value>(&mut connection);
+            // No answer within the block time and a margin means a connection that died
+            // quietly: connect afresh rather than wait on it.
+            let reply = tokio::time::timeout(READ_RESPONSE_TIMEOUT, read)
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from((redis::ErrorKind::Io, "no answer to XREAD in time"))
+                })??;
             for entry in stream_entries(&reply) {
                 if let (Some(key), Some(micros)) = (
                     entry.field("k").and_then(|k| validate_key(k).ok()),
@@ -277,7 +284,9 @@ impl RedisBroker {
         if let Some(answer) = already_current(&self.hub, key, timestamp) {
             return Ok(answer);
         }
-        let mut connection = self.writer.clone();
+        let Some(mut connection) = self.writer.get() else {
+            return Err(PublishError::NotConnected);
+        };
         let mut invocation = self.script.key(LATEST_KEY);
         invocation
             .key(STREAM_KEY)
@@ -293,6 +302,7 @@ impl RedisBroker {
         .map_err(|e| PublishError::Store(boxed(e)))?;
         match reply {
             (1, id) => {
+                self.wait_for_replicas(&mut connection).await?;
                 let entry = StreamEntry {
                     id,
                     fields: Vec::new(),
@@ -314,6 +324,104 @@ impl RedisBroker {
             }
         }
     }
+}
+
+/// The connection writes go through. A cluster's is opened in the background, so that a
+/// cluster that is down at start-up delays readiness, not the start; once open, it follows
+/// failovers by itself.
+struct Writer {
+    client: Client,
+    current: Mutex<Option<Connection>>,
+}
+
+impl Writer {
+    fn get(&self) -> Option<Connection> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, connection: Connection) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection);
+    }
+
+    /// Opens the cluster connection in the background, retrying until it is open.
+    fn connect_cluster(self: &Arc<Self>) {
+        let Client::Cluster(client) = &self.client else {
+            return;
+        };
+        let (writer, client) = (self.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match cluster_connection(&client).await {
+                    Ok((connection, slot)) => {
+                        writer.replace(Connection::Cluster(connection, slot));
+                        break;
+                    }
+                    Err(err) => {
+                        warn!(error = %err, retry_in = ?delay, "Redis Cluster not reachable");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl RedisBroker {
+    /// With `wait_replicas`, holds the answer until that many replicas have the write, so
+    /// that a failover cannot lose an acknowledged update. Not enough in time: 503 (the
+    /// write stays; a retry is answered from what is stored).
+    async fn wait_for_replicas(&self, connection: &mut Connection) -> Result<(), PublishError> {
+        let wanted = self.settings.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        // A third of the write timeout: replicas take a write in milliseconds, and the
+        // whole answer must stay under the 2 s after which Flagsmith's API gives up.
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted)
+            .arg(u64::try_from(self.settings.timeout.as_millis() / 3).unwrap_or(u64::MAX));
+        let acknowledged = match connection {
+            // WAIT names no key: send it to the primary that took the write.
+            Connection::Cluster(cluster, slot) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(*slot, SlotAddr::Master),
+                ));
+                let value = cluster
+                    .route_command(wait, route)
+                    .await
+                    .map_err(|e| PublishError::Store(boxed(e)))?;
+                redis::from_redis_value::<u32>(value).map_err(|e| PublishError::Store(boxed(e)))?
+            }
+            other => wait
+                .query_async::<u32>(other)
+                .await
+                .map_err(|e| PublishError::Store(boxed(e)))?,
+        };
+        if acknowledged < wanted {
+            return Err(PublishError::Store(
+                format!("{acknowledged} of {wanted} replicas took the write in time").into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A connection to the cluster, and the slot our keys hash to.
+async fn cluster_connection(
+    client: &ClusterClient,
+) -> redis::RedisResult<(ClusterConnection, u16)> {
+    let mut connection = client.get_async_connection().await?;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(LATEST_KEY)
+        .query_async(&mut connection)
+        .await?;
+    Ok((connection, slot))
 }
 
 impl Broker for RedisBroker {
