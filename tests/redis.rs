@@ -275,3 +275,32 @@ async fn cluster_primary_loss_loses_no_acknowledged_update() {
         );
     }
 }
+
+/// `REDIS_USE_SSL` as Flagsmith's image reads it: TLS to Redis, the server's certificate
+/// verified (a private CA is trusted through `SSL_CERT_FILE`).
+#[tokio::test]
+async fn redis_over_tls_with_the_shipped_settings() {
+    let redis = Redis::start_tls();
+    let port = redis.port.to_string();
+    let ca = redis.tls_cert().display().to_string();
+    let svc = Service::start_without_nats(&[
+        ("REDIS_HOST", "127.0.0.1"),
+        ("REDIS_PORT", &port),
+        ("REDIS_USE_SSL", "True"),
+        ("SSL_CERT_FILE", &ca),
+    ]);
+    svc.wait_ready().await;
+    let mut sse = svc.subscribe(KEY).await;
+    let resp = svc.publish(KEY, "7.5").await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(7.5));
+    // Without trusting that CA the certificate is refused: never ready.
+    let untrusting = Service::start_without_nats(&[
+        ("REDIS_HOST", "127.0.0.1"),
+        ("REDIS_PORT", &port),
+        ("REDIS_USE_SSL", "true"),
+    ]);
+    untrusting.wait_readyz(503, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(get(untrusting.addr, "/readyz").await.status, 503);
+}

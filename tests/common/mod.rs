@@ -725,6 +725,8 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     extra_args: Vec<String>,
+    /// Serving TLS only, with this certificate (PEM, also its own CA).
+    tls_cert: Option<PathBuf>,
 }
 
 impl Redis {
@@ -733,11 +735,42 @@ impl Redis {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_configured(extra, false)
+    }
+
+    /// A server that speaks TLS only, with a self-signed certificate for 127.0.0.1
+    /// (`tls_cert()`), and accepts clients without certificates.
+    pub fn start_tls() -> Self {
+        Self::start_configured(&[], true)
+    }
+
+    fn start_configured(extra: &[&str], tls: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut tls_cert = None;
+        if tls {
+            let cert =
+                rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+            let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+            std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+            for (flag, path) in [
+                ("--tls-cert-file", &cert_path),
+                ("--tls-key-file", &key_path),
+                ("--tls-ca-cert-file", &cert_path),
+            ] {
+                extra_args.push(flag.to_owned());
+                extra_args.push(path.display().to_string());
+            }
+            extra_args.extend(["--tls-auth-clients".to_owned(), "no".to_owned()]);
+            tls_cert = Some(cert_path);
+        }
         let mut redis = Redis {
-            dir: tempfile::tempdir().expect("temp dir"),
+            dir,
             child: None,
             port: 0,
-            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            extra_args,
+            tls_cert,
         };
         // A port found free can be taken before redis-server binds it: try a few.
         for _ in 0..5 {
@@ -752,8 +785,14 @@ impl Redis {
     fn spawn(&mut self) -> bool {
         let data = self.dir.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
+        let port = self.port.to_string();
+        let ports = match self.tls_cert {
+            Some(_) => ["--port", "0", "--tls-port", &port],
+            None => ["--port", &port, "--port", &port],
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(ports)
+            .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&data)
             .args([
@@ -790,6 +829,9 @@ impl Redis {
 
     fn ping(&self) -> bool {
         use std::io::{Read, Write};
+        if self.tls_cert.is_some() {
+            return self.cli(&["PING"]).trim() == "PONG";
+        }
         let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
@@ -801,7 +843,17 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_cert.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The TLS server's certificate, to trust it (`SSL_CERT_FILE`).
+    pub fn tls_cert(&self) -> &Path {
+        self.tls_cert.as_deref().expect("a TLS server")
     }
 
     pub fn log(&self) -> String {
@@ -954,11 +1006,12 @@ impl RedisCluster {
 impl Redis {
     /// `redis-cli` against this server; its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if let Some(cert) = &self.tls_cert {
+            command.arg("--tls").arg("--cacert").arg(cert);
+        }
+        let out = command.args(args).output().expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
