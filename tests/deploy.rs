@@ -359,3 +359,43 @@ async fn promtool_accepts_the_metrics_the_rules_and_the_config() {
         );
     }
 }
+
+/// The Redis variant is configured as Flagsmith's own Redis image is: REDIS_HOST and
+/// REDIS_PORT, no NATS, so the service chooses Redis by itself.
+#[test]
+fn the_redis_compose_file_configures_instances_as_flagsmiths_image() {
+    let settings = settings();
+    let compose: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&file("docker-compose.redis.yml")).expect("compose YAML");
+    let services = compose["services"].as_mapping().expect("services");
+    assert!(services.contains_key("redis"));
+    let mut instances = 0;
+    for (name, service) in services {
+        let Some(env) = service["environment"].as_mapping() else {
+            continue;
+        };
+        instances += 1;
+        let keys: Vec<&str> = env.keys().filter_map(|k| k.as_str()).collect();
+        for key in &keys {
+            assert!(
+                settings.contains(*key),
+                "{name:?} sets {key}, which the service does not read"
+            );
+        }
+        assert!(
+            keys.contains(&"REDIS_HOST") && keys.contains(&"REDIS_PORT"),
+            "{keys:?}"
+        );
+        assert!(
+            !keys.contains(&"NATS_URL") && !keys.contains(&"BROKER"),
+            "{keys:?}"
+        );
+        let port = port_of(
+            env.get("LISTEN_ADDR")
+                .and_then(|v| v.as_str())
+                .expect("LISTEN_ADDR"),
+        );
+        assert_eq!(port, 8000);
+    }
+    assert_eq!(instances, 2);
+}
