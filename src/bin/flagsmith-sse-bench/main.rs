@@ -68,9 +68,13 @@ struct SubscribeArgs {
     #[command(flatten)]
     target: Target,
     /// Other instances to spread subscribers over (round robin with --addr); publishing
-    /// always goes to --addr.
+    /// goes to --addr unless --publish-addr says otherwise.
     #[arg(long, value_delimiter = ',')]
     also: Vec<SocketAddr>,
+    /// Post updates to this instance instead of --addr (to time an update crossing from
+    /// one instance to subscribers of another).
+    #[arg(long)]
+    publish_addr: Option<SocketAddr>,
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
     /// Use HTTP/2 (prior knowledge) streams instead of one HTTP/1.1 connection each.
@@ -338,7 +342,10 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         .chain(args.also.iter().copied())
         .collect();
     let since = now_micros();
-    let mut poster = Poster::new(args.target.addr, &args.target.token);
+    let mut poster = Poster::new(
+        args.publish_addr.unwrap_or(args.target.addr),
+        &args.target.token,
+    );
     let mut published: Vec<(i64, usize)> = Vec::new();
     if args.storm {
         let ts = now_micros();
