@@ -40,11 +40,11 @@ pub struct Config {
 
     /// Connect to a Redis Cluster (REDIS_HOST or REDIS_URL name seed nodes): `true` or
     /// `false`, as Flagsmith's own image reads it.
-    #[arg(long, env = "USE_CLUSTER_MODE", default_value = "false", value_parser = parse_bool)]
+    #[arg(long, env = "USE_CLUSTER_MODE", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub use_cluster_mode: bool,
 
     /// Connect to Redis over TLS (`rediss://`): `true` or `false`.
-    #[arg(long, env = "REDIS_USE_SSL", default_value = "false", value_parser = parse_bool)]
+    #[arg(long, env = "REDIS_USE_SSL", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub redis_use_ssl: bool,
 
     /// Redis URL(s), for what REDIS_HOST cannot say: `redis://` or `rediss://`,
