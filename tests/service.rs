@@ -698,3 +698,37 @@ async fn http2_streams_end_cleanly_at_their_age() {
         0.0
     );
 }
+
+/// The same POST reaching two instances at once, before either has heard of the other's
+/// write (as the task processor's retry can land on another replica): JetStream's message
+/// id (`<key>:<micros>`) makes the second a duplicate of the first, answered `duplicate`
+/// with the first's sequence, and the update is stored once.
+#[tokio::test]
+async fn the_same_post_on_two_instances_at_once_is_stored_once_by_its_message_id() {
+    let nats = Nats::start();
+    let a = Service::start(&nats.url());
+    let b = Service::start(&nats.url());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut duplicates = 0;
+    for trial in 0..20 {
+        let key = format!("twice{trial}");
+        let (on_a, on_b) = tokio::join!(a.publish(&key, "500.5"), b.publish(&key, "500.5"));
+        let statuses = [on_a.json()["status"].clone(), on_b.json()["status"].clone()];
+        let stored = statuses.iter().filter(|s| *s == "stored").count();
+        assert_eq!(stored, 1, "{} / {}", on_a.body, on_b.body);
+        if statuses.iter().any(|s| *s == "duplicate") {
+            duplicates += 1;
+            assert_eq!(
+                on_a.json()["sequence"],
+                on_b.json()["sequence"],
+                "{} / {}",
+                on_a.body,
+                on_b.body
+            );
+        }
+    }
+    // Posts that truly raced were told apart by the message id alone (without it the
+    // second would learn of the first by a failed conditional write: `already_current`).
+    assert!(duplicates > 0, "no post raced the other in 20 trials");
+}
