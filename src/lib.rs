@@ -22,3 +22,4 @@ pub mod spread;
 pub mod sse;
 pub mod state;
 pub mod timestamp;
+pub mod tls;

@@ -13,7 +13,6 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -30,6 +29,7 @@ use crate::limits;
 use crate::metrics::{LastWrite, Metrics};
 use crate::sse::StreamSettings;
 use crate::state::{AppState, Settings};
+use crate::tls;
 
 /// Reconnect storms arrive all at once; tokio's default backlog of 128 would drop SYNs.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -48,8 +48,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("TLS: {0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}")]
     Bind { addr: SocketAddr, source: io::Error },
 }
@@ -71,126 +71,26 @@ struct Timeouts {
 }
 
 impl Server {
+    /// Checks the settings, loads TLS, listens, starts the broker and wires the state:
+    /// everything that can fail at start-up, before anything is served.
     pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         let token = config.token()?;
         let addr = config.listen_addr()?;
         let tls = match (&config.tls_cert_file, &config.tls_key_file) {
-            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
-
         let hub = Arc::new(Hub::new(config.nats_stream_max_age));
         let metrics = Arc::new(Metrics::default());
-        let (broker_kind, why) = config.broker_choice();
-        info!(broker = ?broker_kind, because = why, "broker chosen");
-        let broker: Arc<dyn Broker> = match broker_kind {
-            BrokerKind::Redis => {
-                RedisBroker::start(
-                    RedisSettings {
-                        urls: config.redis_urls(),
-                        cluster: config.use_cluster_mode,
-                        timeout: config.redis_timeout,
-                        wait_replicas: config.redis_wait_replicas,
-                    },
-                    hub.clone(),
-                )
-                .await?
-            }
-            BrokerKind::Nats => {
-                NatsBroker::start(
-                    NatsSettings {
-                        url: config.nats_url().to_owned(),
-                        stream: config.nats_stream.clone(),
-                        max_age: config.nats_stream_max_age,
-                        replicas: config.nats_stream_replicas,
-                        timeout: config.nats_timeout,
-                    },
-                    hub.clone(),
-                    metrics.clone(),
-                )
-                .await?
-            }
-            BrokerKind::Memory => MemoryBroker::new(hub.clone()),
-        };
-        // Automatic: HTTP/1.1 subscribers (a socket each) stop short of the open-file limit;
-        // HTTP/2 streams share their connections' sockets and are bounded per connection.
-        let (max_subscribers, max_socket_subscribers) = match config.max_subscribers {
-            0 => (usize::MAX, limits::default_max_subscribers()),
-            n => (n, n),
-        };
-        let state = Arc::new(AppState::new(
-            hub,
-            broker,
-            metrics,
-            token,
-            Settings {
-                stream: StreamSettings {
-                    keepalive: config.keepalive_interval,
-                    max_age: config.stream_age_limit(),
-                    drain_window: config.drain_window,
-                    max_subscribers,
-                    max_socket_subscribers,
-                },
-                body_read_timeout: config.body_read_timeout,
-                refusal_delay: config.refusal_delay,
-            },
-        ));
-
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            // Request heads larger than this get 431; hyper's default allows ~400 KB.
-            .max_buf_size(MAX_HEAD_BYTES)
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(config.http2_max_concurrent_streams)
-            // Rapid-reset floods (CVE-2023-44487): a connection whose client resets streams
-            // faster than they are accepted, or provokes errors in a loop, is closed.
-            .max_pending_accept_reset_streams(Some(100))
-            .max_local_error_reset_streams(Some(1024))
-            .max_header_list_size(MAX_HEAD_BYTES as u32)
-            // Pings find dead peers behind NAT; SSE comments do the same for HTTP/1.1.
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
-
-        info!(
-            listen = %listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?,
-            tls = tls.is_some(),
-            broker = ?broker_kind,
-            store = %match broker_kind {
-                BrokerKind::Nats => redact(config.nats_url()),
-                BrokerKind::Redis => redact(&config.redis_urls().join(",")),
-                BrokerKind::Memory => "this process".to_owned(),
-            },
-            stream = %config.nats_stream,
-            max_age = ?config.nats_stream_max_age,
-            replicas = config.nats_stream_replicas,
-            keepalive = ?config.keepalive_interval,
-            max_stream_age = ?config.stream_age_limit(),
-            refusal_delay = ?config.refusal_delay,
-            max_http1_subscribers = max_socket_subscribers,
-            max_subscribers = (max_subscribers != usize::MAX).then_some(max_subscribers),
-            drain_window = ?config.drain_window,
-            shutdown_timeout = ?config.shutdown_timeout,
-            "flagsmith-sse starting"
-        );
-        for (name, value) in config.unneeded_settings() {
-            info!(
-                setting = name,
-                value,
-                "accepted for Flagsmith's own image and not needed: updates are pushed, not polled"
-            );
-        }
+        let broker = start_broker(config, &hub, &metrics).await?;
+        let settings = settings(config);
+        log_start(config, &listener, tls.is_some(), &settings);
         Ok(Self {
             listener,
             tls,
-            state,
-            builder: Arc::new(builder),
+            state: Arc::new(AppState::new(hub, broker, metrics, token, settings)),
+            builder: Arc::new(hyper_builder(config)),
             timeouts: Timeouts {
                 header_read: config.header_read_timeout,
                 stream_write: config.stream_write_timeout,
@@ -425,31 +325,122 @@ async fn sweep(state: Arc<AppState>) {
     }
 }
 
-fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, ServerError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            ServerError::Tls(format!("reading certificates from {}: {e}", cert.display()))
-        })?;
-    if certs.is_empty() {
-        return Err(ServerError::Tls(format!(
-            "no certificate in {}",
-            cert.display()
-        )));
+/// The broker the configuration chooses, started (connecting in the background).
+async fn start_broker(
+    config: &Config,
+    hub: &Arc<Hub>,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Broker>, BrokerError> {
+    let (kind, why) = config.broker_choice();
+    info!(broker = ?kind, because = why, "broker chosen");
+    Ok(match kind {
+        BrokerKind::Redis => {
+            RedisBroker::start(
+                RedisSettings {
+                    urls: config.redis_urls(),
+                    cluster: config.use_cluster_mode,
+                    timeout: config.redis_timeout,
+                    wait_replicas: config.redis_wait_replicas,
+                },
+                hub.clone(),
+            )
+            .await?
+        }
+        BrokerKind::Nats => {
+            NatsBroker::start(
+                NatsSettings {
+                    url: config.nats_url().to_owned(),
+                    stream: config.nats_stream.clone(),
+                    max_age: config.nats_stream_max_age,
+                    replicas: config.nats_stream_replicas,
+                    timeout: config.nats_timeout,
+                },
+                hub.clone(),
+                metrics.clone(),
+            )
+            .await?
+        }
+        BrokerKind::Memory => MemoryBroker::new(hub.clone()),
+    })
+}
+
+/// The request-handling settings. The automatic subscriber cap stops HTTP/1.1 subscribers
+/// (a socket each) short of the open-file limit; HTTP/2 streams share their connections'
+/// sockets and are bounded per connection.
+fn settings(config: &Config) -> Settings {
+    let (max_subscribers, max_socket_subscribers) = match config.max_subscribers {
+        0 => (usize::MAX, limits::default_max_subscribers()),
+        n => (n, n),
+    };
+    Settings {
+        stream: StreamSettings {
+            keepalive: config.keepalive_interval,
+            max_age: config.stream_age_limit(),
+            drain_window: config.drain_window,
+            max_subscribers,
+            max_socket_subscribers,
+        },
+        body_read_timeout: config.body_read_timeout,
+        refusal_delay: config.refusal_delay,
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        ServerError::Tls(format!("reading private key from {}: {e}", key.display()))
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServerError::Tls(format!("certificate and key: {e}")))?;
-    // Browsers speak HTTP/2 only over TLS, and only if we offer it here.
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// hyper's limits for everything the fast path does not serve.
+fn hyper_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        // Request heads larger than this get 431; hyper's default allows ~400 KB.
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        // Rapid-reset floods (CVE-2023-44487): a connection whose client resets streams
+        // faster than they are accepted, or provokes errors in a loop, is closed.
+        .max_pending_accept_reset_streams(Some(100))
+        .max_local_error_reset_streams(Some(1024))
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        // Pings find dead peers behind NAT; SSE comments do the same for HTTP/1.1.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// One line with the effective configuration (no secrets), and one per setting of
+/// Flagsmith's own image that is accepted and not needed.
+fn log_start(config: &Config, listener: &TcpListener, tls: bool, settings: &Settings) {
+    let (kind, _) = config.broker_choice();
+    let stream = &settings.stream;
+    info!(
+        listen = ?listener.local_addr().ok(),
+        tls,
+        broker = ?kind,
+        store = %match kind {
+            BrokerKind::Nats => redact(config.nats_url()),
+            BrokerKind::Redis => redact(&config.redis_urls().join(",")),
+            BrokerKind::Memory => "this process".to_owned(),
+        },
+        stream = %config.nats_stream,
+        max_age = ?config.nats_stream_max_age,
+        replicas = config.nats_stream_replicas,
+        keepalive = ?stream.keepalive,
+        max_stream_age = ?stream.max_age,
+        refusal_delay = ?settings.refusal_delay,
+        max_http1_subscribers = stream.max_socket_subscribers,
+        max_subscribers = (stream.max_subscribers != usize::MAX).then_some(stream.max_subscribers),
+        drain_window = ?stream.drain_window,
+        shutdown_timeout = ?config.shutdown_timeout,
+        "flagsmith-sse starting"
+    );
+    for (name, value) in config.unneeded_settings() {
+        info!(
+            setting = name,
+            value,
+            "accepted for Flagsmith's own image and not needed: updates are pushed, not polled"
+        );
+    }
 }
