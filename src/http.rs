@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use crate::broker::Published;
 use crate::environment::validate_key;
 use crate::error::{ApiError, Body, MAX_BODY_BYTES, full};
-use crate::metrics::{Gauges, LastWrite, Message};
+use crate::metrics::{Gauges, LastWrite, WriteKind};
 use crate::routes::{Route, route};
 use crate::sse::{STREAM_HEADERS, Transport, event_stream};
 use crate::state::AppState;
@@ -126,7 +126,7 @@ fn preflight(headers: &HeaderMap) -> Response<Body> {
 }
 
 fn health(state: &AppState, status: StatusCode, text: &'static str) -> Response<Body> {
-    state.metrics().http_write(Message::Healthcheck);
+    state.metrics().http_write(WriteKind::Healthcheck);
     let mut response = full(status, "text/plain; charset=utf-8", text);
     response
         .headers_mut()

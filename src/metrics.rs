@@ -8,22 +8,27 @@ use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
 
 use crate::procfs::{self, Process};
 
-/// What was written to a client, the `message` label.
+/// What kind of write a stream or probe made (the `message` label of the write and error
+/// counters, named as the reference service named it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Message {
+pub enum WriteKind {
     Keepalive,
     Data,
     Healthcheck,
 }
 
-impl Message {
-    const ALL: [Message; 3] = [Message::Keepalive, Message::Data, Message::Healthcheck];
+impl WriteKind {
+    const ALL: [WriteKind; 3] = [
+        WriteKind::Keepalive,
+        WriteKind::Data,
+        WriteKind::Healthcheck,
+    ];
 
     fn label(self) -> &'static str {
         match self {
-            Message::Keepalive => "keepalive",
-            Message::Data => "data",
-            Message::Healthcheck => "healthcheck",
+            WriteKind::Keepalive => "keepalive",
+            WriteKind::Data => "data",
+            WriteKind::Healthcheck => "healthcheck",
         }
     }
 }
@@ -41,12 +46,14 @@ impl LastWrite {
         Self(AtomicU8::new(Self::NONE))
     }
 
-    pub fn record(&self, message: Message) {
+    pub fn record(&self, message: WriteKind) {
         self.0.store(message as u8, Relaxed);
     }
 
-    pub fn get(&self) -> Option<Message> {
-        Message::ALL.get(usize::from(self.0.load(Relaxed))).copied()
+    pub fn get(&self) -> Option<WriteKind> {
+        WriteKind::ALL
+            .get(usize::from(self.0.load(Relaxed)))
+            .copied()
     }
 }
 
@@ -230,11 +237,11 @@ impl Metrics {
         self.stream_refusals[usize::from(delayed)].fetch_add(1, Relaxed);
     }
 
-    pub fn http_write(&self, message: Message) {
+    pub fn http_write(&self, message: WriteKind) {
         self.http_writes[message as usize].fetch_add(1, Relaxed);
     }
 
-    pub fn http_error(&self, message: Message) {
+    pub fn http_error(&self, message: WriteKind) {
         self.http_errors[message as usize].fetch_add(1, Relaxed);
     }
 
@@ -315,7 +322,7 @@ impl Metrics {
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for message in Message::ALL {
+            for message in WriteKind::ALL {
                 let _ = writeln!(
                     out,
                     "{name}{{message=\"{}\"}} {}",
@@ -432,10 +439,10 @@ mod tests {
             uncapped.try_subscriber_connected(usize::MAX, false, usize::MAX),
             Some(0)
         );
-        metrics.http_write(Message::Data);
+        metrics.http_write(WriteKind::Data);
         metrics.stream_reached_max_age();
         metrics.stream_refused(true);
-        metrics.http_error(Message::Keepalive);
+        metrics.http_error(WriteKind::Keepalive);
         metrics.nats_error(NatsOp::CreateJetstream);
         metrics.delivered(std::time::Duration::from_millis(7));
         metrics.delivered(std::time::Duration::from_secs(60));

@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 use thiserror::Error;
 
 use crate::hub::{Hub, Subscription};
-use crate::metrics::{LastWrite, Message, Metrics};
+use crate::metrics::{LastWrite, Metrics, WriteKind};
 use crate::spread::scatter;
 use crate::timestamp::Timestamp;
 
@@ -95,10 +95,10 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
-    pub fn message(&self) -> Message {
+    pub fn message(&self) -> WriteKind {
         match self {
-            Outgoing::Event { .. } => Message::Data,
-            Outgoing::Keepalive => Message::Keepalive,
+            Outgoing::Event { .. } => WriteKind::Data,
+            Outgoing::Keepalive => WriteKind::Keepalive,
         }
     }
 }
@@ -125,7 +125,7 @@ pub struct Subscriber {
     transport: Transport,
     context: Arc<StreamContext>,
     /// What this stream last wrote, to label a failure that shows up later.
-    last_message: Option<Message>,
+    last_message: Option<WriteKind>,
     /// The same, kept by a hyper connection, which sees the failure instead of us.
     last_write: Option<Arc<LastWrite>>,
 }
@@ -202,11 +202,11 @@ impl Subscriber {
     }
 
     /// What this stream wrote last, if anything.
-    pub fn last_message(&self) -> Option<Message> {
+    pub fn last_message(&self) -> Option<WriteKind> {
         self.last_message
     }
 
-    pub fn write_failed(&self, message: Message) {
+    pub fn write_failed(&self, message: WriteKind) {
         self.context.metrics.http_error(message);
     }
 
