@@ -6,6 +6,7 @@
 //! memory per subscriber and CPU per delivery. `publish` drives queue-change at a fixed
 //! concurrency. See BENCHMARKS.md for the method and the figures.
 
+mod floor;
 mod hist;
 mod proc;
 mod wire;
@@ -45,6 +46,8 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// Drive queue-change at a fixed concurrency.
     Publish(PublishArgs),
+    /// Serve the physical floor: one thread writing one pre-encoded chunk per subscriber.
+    Floor(floor::FloorArgs),
     /// (internal) one worker process of `subscribe`.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -150,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Subscribe(args) => runtime()?.block_on(subscribe(args)),
         Command::Publish(args) => runtime()?.block_on(publish_load(args)),
+        Command::Floor(args) => floor::run(args),
     }
 }
 
@@ -356,6 +360,8 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         published.push((ts, 0));
     }
     let rss_before = proc::rss_bytes(&args.target.server_pid);
+    let tcp_before = proc::tcp_buffer_bytes();
+    let slab_before = proc::tcp_slab_bytes();
 
     // Subscribers are dealt out in whole connections; each worker gets its own addresses.
     let conns_per_worker = connections.div_ceil(workers);
@@ -450,7 +456,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         let all = wait_until(deadline, || total_events() >= expected_total).await;
         let elapsed = started.elapsed();
         println!(
-            "storm: {} of {expected_total} hold the update {:.3} s after the first connect{}",
+            "storm: {} of {expected_total} hold the update {:.3} s after the worker processes were started (50 ms resolution){}",
             total_events(),
             elapsed.as_secs_f64(),
             if all { "" } else { " (TIMED OUT)" }
@@ -475,6 +481,25 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             report["rss_before_bytes"] = before.into();
             report["rss_idle_bytes"] = idle.into();
             report["rss_bytes_per_subscriber"] = per.into();
+        }
+        // User-space RSS leaves out the kernel's socket buffers; servers are compared with
+        // both. On loopback the machine-wide figure holds both ends of every connection.
+        if let (Some(before), Some(idle)) = (tcp_before, proc::tcp_buffer_bytes()) {
+            let per = (idle as f64 - before as f64) / connected.max(1) as f64;
+            println!(
+                "kernel TCP buffers (machine-wide, both ends on loopback) {:.1} MiB -> {:.1} MiB: {:.0} bytes per subscriber",
+                before as f64 / 1048576.0,
+                idle as f64 / 1048576.0,
+                per
+            );
+            report["kernel_tcp_buffer_bytes_per_subscriber"] = per.into();
+        }
+        if let (Some(before), Some(idle)) = (slab_before, proc::tcp_slab_bytes()) {
+            let per = (idle as f64 - before as f64) / connected.max(1) as f64;
+            println!(
+                "kernel TCP socket objects (slab TCP + sock_inode_cache, machine-wide, both ends on loopback): {per:.0} bytes per subscriber"
+            );
+            report["kernel_socket_slab_bytes_per_subscriber"] = per.into();
         }
         let mut interval = Duration::from_millis(args.interval_ms);
         if let Some(churn_s) = args.churn_s {
@@ -563,7 +588,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
 
     if args.storm {
         println!(
-            "time to hold the latest update, from the first connect: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            "time to hold the latest update, from the start of the worker processes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             ms(first_event.quantile(0.5)),
             ms(first_event.quantile(0.99)),
             ms(first_event.max)
