@@ -304,3 +304,21 @@ async fn redis_over_tls_with_the_shipped_settings() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(get(untrusting.addr, "/readyz").await.status, 503);
 }
+
+/// What Flagsmith's image cannot do: a Redis that requires a password, through REDIS_URL.
+#[tokio::test]
+async fn a_password_in_redis_url_is_used() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let with = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let svc = Service::start_redis(&with, &[]);
+    svc.wait_ready().await;
+    assert_eq!(svc.publish(KEY, "3.5").await.status, 200);
+    assert!(
+        !svc.log().contains("s3cret"),
+        "the password reached the log"
+    );
+    // Without it Redis refuses every command: never ready, writes refused.
+    let without = Service::start_redis(&redis.url(), &[]);
+    without.wait_readyz(503, Duration::from_secs(5)).await;
+    assert_eq!(without.publish(KEY, "4.5").await.status, 503);
+}

@@ -832,6 +832,10 @@ impl Redis {
         if self.tls_cert.is_some() {
             return self.cli(&["PING"]).trim() == "PONG";
         }
+        if self.extra_args.iter().any(|a| a == "--requirepass") {
+            // Answers NOAUTH, which says it is up.
+            return self.cli(&["PING"]).contains("NOAUTH");
+        }
         let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
