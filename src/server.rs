@@ -18,9 +18,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::broker::memory::MemoryBroker;
-use crate::broker::nats::{NatsBroker, NatsSettings, redact};
+use crate::broker::nats::{NatsBroker, NatsSettings};
 use crate::broker::redis::{RedisBroker, RedisSettings};
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, redact};
 use crate::config::{BrokerKind, Config, ConfigError};
 use crate::h1_stream::{self, Prefixed, Sniffed};
 use crate::http::handle;

@@ -72,6 +72,22 @@ pub enum BrokerError {
     Connect(#[source] BoxError),
 }
 
+/// Broker URLs (`NATS_URL`, `REDIS_URL`; comma-separated) with credentials replaced, for
+/// logs and errors.
+pub fn redact(url_list: &str) -> String {
+    url_list
+        .split(',')
+        .map(|part| match (part.find("://"), part.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &part[..scheme], &part[at + 1..])
+            }
+            (None, Some(at)) => format!("***@{}", &part[at + 1..]),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The never-backwards rule, before any write: if the hub already holds `timestamp` or a
 /// newer one for `key`, the answer is that, and nothing needs storing.
 pub fn already_current(hub: &Hub, key: &str, timestamp: Timestamp) -> Option<Published> {

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::{BoxFuture, Broker, BrokerError, PublishError, Published, boxed};
+use super::{BoxFuture, Broker, BrokerError, PublishError, Published, boxed, redact};
 use crate::environment::validate_key;
 use crate::hub::{Hub, Update};
 use crate::metrics::{Metrics, NatsOp};
@@ -497,21 +497,6 @@ fn connect_options(url_list: &str) -> Result<(Vec<ServerAddr>, ConnectOptions), 
         None => {}
     }
     Ok((servers, options))
-}
-
-/// `NATS_URL` with credentials replaced, for logs and errors.
-pub fn redact(url_list: &str) -> String {
-    url_list
-        .split(',')
-        .map(|part| match (part.find("://"), part.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}://***@{}", &part[..scheme], &part[at + 1..])
-            }
-            (None, Some(at)) => format!("***@{}", &part[at + 1..]),
-            _ => part.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 #[cfg(test)]

@@ -23,7 +23,9 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
 use tracing::{debug, info, warn};
 
-use super::{BoxFuture, Broker, BrokerError, PublishError, Published, already_current, boxed};
+use super::{
+    BoxFuture, Broker, BrokerError, PublishError, Published, already_current, boxed, redact,
+};
 use crate::environment::validate_key;
 use crate::hub::{Hub, Update};
 use crate::timestamp::Timestamp;
@@ -449,7 +451,7 @@ fn client(settings: &RedisSettings, response_timeout: Duration) -> Result<Client
         url: settings
             .urls
             .iter()
-            .map(|u| super::nats::redact(u))
+            .map(|u| redact(u))
             .collect::<Vec<_>>()
             .join(","),
         reason: boxed(reason),
