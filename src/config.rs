@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Parser;
 use thiserror::Error;
 
-/// Flagsmith's real-time flag updates service: Server-Sent Events backed by NATS JetStream.
+/// Flagsmith's real-time flag updates service: Server-Sent Events backed by NATS JetStream
+/// or Redis.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "flagsmith-sse", version, about, long_about = None)]
 pub struct Config {

@@ -1,4 +1,5 @@
-//! flagsmith-sse: Flagsmith's real-time flag updates service, backed by NATS JetStream.
+//! flagsmith-sse: Flagsmith's real-time flag updates service, backed by NATS JetStream or
+//! Redis.
 //!
 //! Data flows one way: `server` accepts connections and hands them to `h1_stream` (plain
 //! HTTP/1.1 streams) or hyper and `http` (everything else); both open subscribers through
