@@ -13,10 +13,17 @@ use thiserror::Error;
 #[derive(Clone, Debug, Parser)]
 #[command(name = "flagsmith-sse", version, about, long_about = None)]
 pub struct Config {
-    /// What to do. Only `serve` exists; it is also what runs with no argument. Accepted so
-    /// that Flagsmith's Helm chart (`args: ["serve"]`) runs this binary unchanged.
-    #[arg(value_parser = ["serve"], default_value = "serve", hide_default_value = true)]
+    /// What to do: `serve` (also what runs with no argument; Flagsmith's Helm chart passes
+    /// it), or `healthcheck`: GET /readyz (/livez with --live) of the service these same
+    /// settings describe (LISTEN_ADDR, TLS_CERT_FILE), exit 0 on 200, 1 otherwise. For a
+    /// container's HEALTHCHECK: needs no token, no broker, no curl.
+    #[arg(value_parser = ["serve", "healthcheck"], default_value = "serve", hide_default_value = true)]
     pub command: String,
+
+    /// With `healthcheck`: probe /livez (the process answers) instead of /readyz (it also
+    /// has its broker and current data).
+    #[arg(long)]
+    pub live: bool,
 
     /// Where updates are stored: `nats` (JetStream), `redis` (Redis or Valkey; any number
     /// of instances either way) or `memory` (in this process only: one instance, updates

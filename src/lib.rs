@@ -12,6 +12,7 @@ pub mod config;
 pub mod environment;
 pub mod error;
 pub mod h1_stream;
+pub mod healthcheck;
 pub mod http;
 pub mod hub;
 pub mod limits;

@@ -1,4 +1,5 @@
-//! The `flagsmith-sse` binary: read settings, start logging, serve until a signal.
+//! The `flagsmith-sse` binary: read settings, start logging, serve until a signal; or, with
+//! `healthcheck`, ask the service those settings describe whether it is ready.
 
 use std::process::ExitCode;
 
@@ -9,6 +10,9 @@ use flagsmith_sse::server::Server;
 
 fn main() -> ExitCode {
     let config = Config::parse();
+    if config.command == "healthcheck" {
+        return healthcheck(&config);
+    }
     let logs = tracing_subscriber::fmt()
         .with_max_level(config.log_level)
         .with_writer(std::io::stderr);
@@ -26,6 +30,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("flagsmith-sse: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line either way: Docker keeps the output of the last checks (`docker inspect`).
+/// Exit 1 for unhealthy, as Docker's HEALTHCHECK expects (2 is reserved).
+fn healthcheck(config: &Config) -> ExitCode {
+    use flagsmith_sse::healthcheck::{Probe, TIMEOUT};
+    match Probe::from_config(config).and_then(|probe| Ok((probe.run(TIMEOUT)?, probe))) {
+        Ok((status, probe)) => {
+            println!("GET {} on {} answered {status}", probe.path, probe.addr);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("flagsmith-sse healthcheck: {err}");
             ExitCode::FAILURE
         }
     }
