@@ -467,6 +467,20 @@ fn helm_values_for_nats_users_match_the_shipped_nats_cluster() {
         .split(',')
         .collect();
     assert_eq!(urls, want);
+    // Kubernetes without the chart points at the same cluster.
+    let docs: Vec<serde_yaml_ng::Value> =
+        serde_yaml_ng::Deserializer::from_str(&file("deploy/k8s/flagsmith-sse.yaml"))
+            .map(|d| serde::Deserialize::deserialize(d).expect("YAML document"))
+            .collect();
+    let env: std::collections::BTreeMap<&str, &str> =
+        docs[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .expect("env")
+            .iter()
+            .filter_map(|v| Some((v["name"].as_str()?, v["value"].as_str()?)))
+            .collect();
+    assert_eq!(env["NATS_URL"].split(',').collect::<Vec<_>>(), want);
+    assert_eq!(env["NATS_STREAM_REPLICAS"], replicas.to_string());
     let text = file("deploy/helm/values-nats.yaml");
     assert!(
         text.contains("--reuse-values")
@@ -992,4 +1006,45 @@ fn readme_commands_are_the_ones_ci_runs_and_cargo_run_works() {
     );
     assert!(help.contains("Usage: flagsmith-sse"), "{help}");
     assert!(help.contains("healthcheck"), "{help}");
+}
+
+/// The deployment guide's table of the settings every proxy is checked against states the
+/// defaults the binary really has.
+#[test]
+fn the_deployment_guide_states_the_real_defaults() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"))
+        .arg("--help")
+        .env_clear()
+        .output()
+        .expect("--help");
+    let help = String::from_utf8_lossy(&output.stdout);
+    let guide = file("docs/deployment.md");
+    let mut checked = 0;
+    for line in guide.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let [_, name, default, ..] = cells[..] else {
+            continue;
+        };
+        let Some(name) = name.strip_prefix('`').and_then(|n| n.strip_suffix('`')) else {
+            continue;
+        };
+        if !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            continue;
+        }
+        let real = help
+            .split(&format!("[env: {name}="))
+            .nth(1)
+            .and_then(|rest| rest.split("[default: ").nth(1))
+            .and_then(|rest| rest.split(']').next())
+            .unwrap_or_else(|| panic!("{name}: no default in --help"));
+        let stated = default.replace(' ', "");
+        let real_seconds = flagsmith_sse::config::parse_duration(real).expect("duration");
+        let stated_seconds = flagsmith_sse::config::parse_duration(&stated).expect("duration");
+        assert_eq!(
+            stated_seconds, real_seconds,
+            "{name}: the guide says {default}, --help {real}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "the guide's settings table");
 }
