@@ -524,6 +524,15 @@ async fn the_shipped_nats_cluster_runs_jetstream_and_survives_a_node() {
         .as_str()
         .expect("serviceName")
         .to_owned();
+    // The routes name exactly the StatefulSet's pods, by the headless Service's DNS.
+    let routes: Vec<&str> = conf
+        .split_whitespace()
+        .filter(|w| w.starts_with("nats://"))
+        .collect();
+    let want: Vec<String> = (0..replicas)
+        .map(|i| format!("nats://{name}-{i}.{service}:6222"))
+        .collect();
+    assert_eq!(routes, want, "cluster routes");
     let dir = tempfile::tempdir().expect("temp dir");
     let client: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
     let cluster: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
