@@ -202,6 +202,21 @@ fn dashboard_and_alerts_work_under_any_job_label() {
     }
 }
 
+/// A Compose instance may hold as many subscribers as sockets, and its drain must finish
+/// before Docker kills it.
+fn check_compose_instance_limits(name: &str, service: &serde_yaml_ng::Value) {
+    let hard = service["ulimits"]["nofile"]["hard"].as_u64().unwrap_or(0);
+    assert!(hard >= 65_536, "{name}: nofile {hard}");
+    let grace = service["stop_grace_period"]
+        .as_str()
+        .and_then(|g| flagsmith_sse::config::parse_duration(g).ok())
+        .unwrap_or_default();
+    assert!(
+        grace > Duration::from_secs(10),
+        "{name}: stop_grace_period {grace:?} does not outlast SHUTDOWN_TIMEOUT (10 s)"
+    );
+}
+
 #[test]
 fn compose_runs_nats_with_jetstream_two_instances_and_prometheus() {
     let settings = settings();
@@ -224,6 +239,7 @@ fn compose_runs_nats_with_jetstream_two_instances_and_prometheus() {
             continue;
         };
         instances += 1;
+        check_compose_instance_limits(&format!("{name:?}"), service);
         for key in env.keys() {
             let key = key.as_str().expect("key");
             assert!(
@@ -726,6 +742,7 @@ fn the_redis_compose_file_configures_instances_as_flagsmiths_image() {
             continue;
         };
         instances += 1;
+        check_compose_instance_limits(&format!("{name:?}"), service);
         let keys: Vec<&str> = env.keys().filter_map(|k| k.as_str()).collect();
         for key in &keys {
             assert!(
