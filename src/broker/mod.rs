@@ -261,7 +261,7 @@ impl FailureLog {
             connection = self.what,
             cause = cause.label(),
             error = %err,
-            retry_in = ?retry_in,
+            retry_in = %retry_in.map_or_else(|| "now".to_owned(), |d| format!("{d:.1?}")),
             failures_not_logged = self.suppressed,
             "broker connection failed"
         );

@@ -73,8 +73,8 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long opening a connection (TCP, TLS, AUTH) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How often the epoch is checked while the reader is idle, and hash entries older than
-/// the retention are pruned.
+/// How often the epoch is checked while the reader is idle, and (at most) how often hash
+/// entries older than the retention are pruned.
 const EPOCH_CHECK_EVERY: Duration = Duration::from_secs(2);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -291,7 +291,11 @@ impl RedisBroker {
 
     /// A new connection, answering: open, authenticated (a wrong or missing password fails
     /// here, not at the first write), within `CONNECT_TIMEOUT` plus one ping.
-    async fn open(&self, client: &Client) -> Result<Connection, redis::RedisError> {
+    async fn open(
+        &self,
+        client: &Client,
+        response_timeout: Duration,
+    ) -> Result<Connection, redis::RedisError> {
         let opened = async {
             let mut connection = match client {
                 Client::Single(client) => Connection::Single(
@@ -299,7 +303,7 @@ impl RedisBroker {
                         .get_multiplexed_async_connection_with_config(
                             &AsyncConnectionConfig::new()
                                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                                .set_response_timeout(Some(HEALTH_TIMEOUT)),
+                                .set_response_timeout(Some(response_timeout)),
                         )
                         .await?,
                 ),
@@ -328,7 +332,7 @@ impl RedisBroker {
         let mut log = FailureLog::new("redis writer");
         let mut opened_before = false;
         loop {
-            let mut connection = match self.open(&self.writer_client).await {
+            let mut connection = match self.open(&self.writer_client, self.settings.timeout).await {
                 Ok(connection) => connection,
                 Err(err) => {
                     self.metrics.broker_error(BrokerOp::Connect);
@@ -374,7 +378,7 @@ impl RedisBroker {
         let mut last_id = String::from("0-0");
         let mut opened_before = false;
         loop {
-            let mut connection = match self.open(&self.reader_client).await {
+            let mut connection = match self.open(&self.reader_client, READ_RESPONSE_TIMEOUT).await {
                 Ok(connection) => connection,
                 Err(err) => {
                     self.metrics.broker_error(BrokerOp::Connect);
@@ -497,7 +501,8 @@ impl RedisBroker {
                     return Ok(());
                 }
             }
-            if pruned.elapsed() >= PRUNE_EVERY {
+            // A short retention (tests, small installs) is pruned at its own pace.
+            if pruned.elapsed() >= PRUNE_EVERY.min(self.hub.retention()) {
                 pruned = Instant::now();
                 if let Err(err) = self.prune(connection).await {
                     debug!(error = %err, "pruning old environments failed; trying again later");
@@ -693,7 +698,12 @@ impl RedisBroker {
         if let Some(connection) = idle {
             return Ok(connection);
         }
-        match tokio::time::timeout_at(deadline, self.open(&self.writer_client)).await {
+        match tokio::time::timeout_at(
+            deadline,
+            self.open(&self.writer_client, self.settings.timeout),
+        )
+        .await
+        {
             Ok(Ok(connection)) => Ok(connection),
             Ok(Err(err)) => {
                 self.metrics.broker_error(BrokerOp::Connect);
@@ -715,7 +725,7 @@ impl RedisBroker {
         // Redis answers WAIT by its own timeout; leave a margin for the answer to travel.
         let left = deadline
             .saturating_duration_since(tokio::time::Instant::now())
-            .saturating_sub(Duration::from_millis(50));
+            .saturating_sub(Duration::from_millis(100));
         let mut wait = redis::cmd("WAIT");
         wait.arg(wanted)
             .arg(u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1));
