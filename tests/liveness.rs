@@ -18,10 +18,21 @@ const WITHIN: Duration = Duration::from_secs(10);
 /// Two instances behind the proxy: `writer` takes the posts, `follower` serves a
 /// subscriber that only the broker's feed can reach. Silences the proxy and checks both
 /// recover within the bound.
-async fn recovers_from_silence(broker: &str, proxy: &Proxy, writer: &Service, follower: &Service) {
+///
+/// `direct` reaches the broker without the proxy: what it posts while the others' connections
+/// are silent goes to the follower into the void, and must still reach it afterwards.
+async fn recovers_from_silence(
+    broker: &str,
+    proxy: &Proxy,
+    writer: &Service,
+    follower: &Service,
+    direct: &Service,
+) {
     writer.wait_ready().await;
     follower.wait_ready().await;
+    direct.wait_ready().await;
     let tracker = Tracker::follow(follower.subscribe("env").await);
+    let during = Tracker::follow(follower.subscribe("during").await);
     assert_eq!(writer.publish("env", "1.5").await.status, 200);
     eventually(10 * SECOND, "the first update on the follower", || {
         tracker.last() == Some(1.5)
@@ -34,6 +45,7 @@ async fn recovers_from_silence(broker: &str, proxy: &Proxy, writer: &Service, fo
         proxy.silenced() > 0
     })
     .await;
+    assert_eq!(direct.publish("during", "7.5").await.status, 200);
     // Posts fail (503) until the writer's connection is replaced; each one is newer.
     let mut attempt = 1;
     let posted = loop {
@@ -57,9 +69,15 @@ async fn recovers_from_silence(broker: &str, proxy: &Proxy, writer: &Service, fo
         || tracker.last().is_some_and(|last| last >= posted),
     )
     .await;
+    eventually(
+        WITHIN.saturating_sub(silent_since.elapsed()),
+        "the update posted during the silence, on the follower",
+        || during.last() == Some(7.5),
+    )
+    .await;
     assert!(!tracker.ended(), "the subscriber's stream was ended");
     eprintln!(
-        "POST 200 after {took_post:?}, follower updated after {:?}",
+        "{broker}: POST 200 after {took_post:?}, both updates on the follower after {:?}",
         silent_since.elapsed()
     );
     // Each instance counted the dead connection and the new one.
@@ -89,7 +107,8 @@ async fn a_silent_nats_connection_is_replaced_within_the_bound() {
     let url = format!("nats://127.0.0.1:{}", proxy.port);
     let writer = Service::start(&url);
     let follower = Service::start(&url);
-    recovers_from_silence("nats", &proxy, &writer, &follower).await;
+    let direct = Service::start(&nats.url());
+    recovers_from_silence("nats", &proxy, &writer, &follower, &direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,5 +118,6 @@ async fn a_silent_redis_connection_is_replaced_within_the_bound() {
     let url = format!("redis://127.0.0.1:{}", proxy.port);
     let writer = Service::start_redis(&url, &[]);
     let follower = Service::start_redis(&url, &[]);
-    recovers_from_silence("redis", &proxy, &writer, &follower).await;
+    let direct = Service::start_redis(&redis.url(), &[]);
+    recovers_from_silence("redis", &proxy, &writer, &follower, &direct).await;
 }

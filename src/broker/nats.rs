@@ -55,7 +55,7 @@ pub struct NatsBroker {
     /// come back with an empty store), a stream advisory, a publish that found no stream.
     stream_check: Arc<Notify>,
     /// Tells the running consumer to start over on the current stream.
-    restart_consumer: Arc<Notify>,
+    restart_consumer: Notify,
     /// Creation time of the stream the running consumer reads. A stream created anew starts
     /// its sequences at 1 again, where an ordered consumer resuming at its old sequence
     /// would silently skip every new message.
@@ -74,8 +74,7 @@ impl NatsBroker {
         let (servers, options) = connect_options(&settings.url)?;
         let event_metrics = metrics.clone();
         let stream_check = Arc::new(Notify::new());
-        let restart_consumer = Arc::new(Notify::new());
-        let (reconnected, restart) = (stream_check.clone(), restart_consumer.clone());
+        let reconnected = stream_check.clone();
         let connected_before = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(Mutex::new(FailureLog::new("nats")));
         let options = options
@@ -94,12 +93,10 @@ impl NatsBroker {
                     reconnected.notify_one();
                     // The first Connected is the initial connection, not a reconnect.
                     if connected_before.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        // The ordered consumer resumes by itself: what the server pushed
+                        // into a connection that had gone silent is delivered again
+                        // (tests/liveness.rs posts during the silence and checks).
                         event_metrics.broker_reconnected();
-                        // Whatever the server pushed into a connection that had gone
-                        // silent is lost, and the ordered consumer would notice only at
-                        // the next message or after 10 s without heartbeats: read every
-                        // environment's newest again instead.
-                        restart.notify_one();
                     }
                 }
                 let (metrics, failures) = (event_metrics.clone(), failures.clone());
@@ -121,7 +118,7 @@ impl NatsBroker {
             metrics,
             caught_up: AtomicBool::new(false),
             stream_check,
-            restart_consumer,
+            restart_consumer: Notify::new(),
             consumed_stream: Mutex::new(None),
         });
         tokio::spawn(broker.clone().run_consumer());
