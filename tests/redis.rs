@@ -305,10 +305,10 @@ async fn redis_over_tls_with_the_shipped_settings() {
     assert_eq!(get(untrusting.addr, "/readyz").await.status, 503);
 }
 
-/// What Flagsmith's image cannot do: a Redis that requires a password, through REDIS_URL.
+/// A password given in REDIS_URL (URL-encoded there) is used as well.
 #[tokio::test]
 async fn a_password_in_redis_url_is_used() {
-    let redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let redis = Redis::start_with_auth(None, "s3cret", false);
     let with = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
     let svc = Service::start_redis(&with, &[]);
     svc.wait_ready().await;
