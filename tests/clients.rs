@@ -191,8 +191,9 @@ fn sse_fields(block: &str) -> (Option<String>, String) {
     (event, data.join("\n"))
 }
 
-/// Reads SSE blocks from `body`, handing each to `each`; a body that ends mid-block did
-/// not end cleanly (OkHttp's reader fails with "unexpected end of stream").
+/// Reads SSE blocks from `body`, handing each to `each`. A body that ends mid-block counts
+/// as unclean: stricter than OkHttp (which calls `onClosed` after a terminated body even
+/// mid-event), so that a service that ends a stream mid-event fails these tests.
 async fn read_blocks(body: hyper::body::Incoming, mut each: impl FnMut(&str)) -> End {
     let mut pending = String::new();
     let end = read_chunks(body, |chunk| {
@@ -352,7 +353,8 @@ async fn python(addr: SocketAddr, sdk: Arc<Sdk>, api: Arc<Api>) {
 /// an `environment_updated` listener; `js_newer` against `this.timestamp`, the
 /// `parseFloat` of the last flags response's `x-flagsmith-document-updated-at` (the flags
 /// were fetched at `init`); a refetch sets it from the new response. Any end or error
-/// closes the EventSource and opens a new one after `Math.random() * 3000` ms.
+/// closes the EventSource and opens a new one after `Math.random() * 3000` ms. (An event
+/// that arrives while flags are loading is skipped by the SDK; no fetch is in flight here.)
 async fn js(addr: SocketAddr, sdk: Arc<Sdk>, api: Arc<Api>) {
     let mut timestamp = Some(api.document().header_f64());
     loop {
@@ -405,7 +407,8 @@ async fn ios(addr: SocketAddr, sdk: Arc<Sdk>) {
                 read_chunks(response.into_body(), |chunk| {
                     attempt = 0;
                     for line in chunk.split('\n').filter(|l| l.starts_with("data:")) {
-                        let json = line.replacen("data:", "", 1);
+                        // `replacingOccurrences(of: "data:", with: "")`: every occurrence.
+                        let json = line.replace("data:", "");
                         sdk.decided(ios_newer(&json, IOS_LAST_UPDATED_AT));
                     }
                 })
