@@ -35,7 +35,7 @@ async fn the_configuration_of_flagsmiths_image_alone_selects_redis() {
         .await;
     assert_eq!(resp.status, 200, "{}", resp.body);
     assert_eq!(resp.json()["status"], "stored");
-    assert_eq!(sse.next_update(5 * SECOND).await, Some(1752500983.123456));
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(1752500983.1234558));
 }
 
 #[tokio::test]

@@ -331,7 +331,8 @@ pub struct Sse {
     pub status: u16,
     pub headers: http::HeaderMap,
     pub version: http::Version,
-    blocks: mpsc::UnboundedReceiver<String>,
+    /// Blocks in order; an `Err` last when the stream did not end cleanly.
+    blocks: mpsc::UnboundedReceiver<Result<String, String>>,
     _keep: Box<dyn std::any::Any + Send>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -398,14 +399,31 @@ impl Sse {
         let (tx, blocks) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
             let mut buffer = String::new();
-            while let Some(Ok(frame)) = body.frame().await {
-                if let Ok(data) = frame.into_data() {
-                    buffer.push_str(&String::from_utf8_lossy(&data));
-                    while let Some(end) = buffer.find("\n\n") {
-                        let block: String = buffer.drain(..end + 2).collect();
-                        if tx.send(block).is_err() {
-                            return;
+            loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            buffer.push_str(&String::from_utf8_lossy(&data));
+                            while let Some(end) = buffer.find("\n\n") {
+                                let block: String = buffer.drain(..end + 2).collect();
+                                if tx.send(Ok(block)).is_err() {
+                                    return;
+                                }
+                            }
                         }
+                    }
+                    // A reset (HTTP/2 RST_STREAM, a connection closed under the stream) or
+                    // an HTTP/1.1 body cut before its chunked terminator.
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(format!("{e:?}")));
+                        return;
+                    }
+                    // END_STREAM, or the chunked terminator: clean only after a whole event.
+                    None => {
+                        if !buffer.is_empty() {
+                            let _ = tx.send(Err(format!("ended mid-event: {buffer:?}")));
+                        }
+                        return;
                     }
                 }
             }
@@ -424,7 +442,8 @@ impl Sse {
     /// or nothing at all.
     pub async fn next(&mut self, within: Duration) -> Next {
         match tokio::time::timeout(within, self.blocks.recv()).await {
-            Ok(Some(block)) => Next::Block(block),
+            Ok(Some(Ok(block))) => Next::Block(block),
+            Ok(Some(Err(reason))) => Next::Reset(reason),
             Ok(None) => Next::Ended,
             Err(_) => Next::Quiet,
         }
@@ -435,7 +454,7 @@ impl Sse {
     pub async fn next_block(&mut self, within: Duration) -> Option<String> {
         match self.next(within).await {
             Next::Block(block) => Some(block),
-            Next::Ended | Next::Quiet => None,
+            Next::Ended | Next::Reset(_) | Next::Quiet => None,
         }
     }
 
@@ -447,7 +466,24 @@ impl Sse {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next(left).await {
                 Next::Block(_) => {}
-                Next::Ended => return,
+                Next::Ended | Next::Reset(_) => return,
+                Next::Quiet => panic!("the stream did not end within {within:?}"),
+            }
+        }
+    }
+
+    /// Like `expect_end`, and the end must be clean: END_STREAM (HTTP/2) or the chunked
+    /// terminator (HTTP/1.1) after a whole event, not a reset or a cut. Returns the blocks
+    /// that came before it.
+    pub async fn expect_clean_end(&mut self, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut blocks = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Next::Block(block) => blocks.push(block),
+                Next::Ended => return blocks,
+                Next::Reset(reason) => panic!("the stream ended uncleanly: {reason}"),
                 Next::Quiet => panic!("the stream did not end within {within:?}"),
             }
         }
@@ -498,8 +534,10 @@ impl Sse {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
     Block(String),
-    /// The response body ended (or the connection closed).
+    /// The response body ended cleanly, after a whole block.
     Ended,
+    /// The body ended uncleanly: a reset, or cut mid-event or before its terminator.
+    Reset(String),
     /// Nothing came in the time given; the stream is still open.
     Quiet,
 }
