@@ -35,7 +35,7 @@ pub struct Config {
     /// URL of a NATS server, or several separated by commas. May carry credentials:
     /// `nats://user:pass@host:4222` or `nats://token@host:4222`. [default:
     /// nats://127.0.0.1:4222]
-    #[arg(long, env = "NATS_URL")]
+    #[arg(long, env = "NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
 
     /// Redis host, as Flagsmith's own image reads it. [default: localhost]
@@ -55,10 +55,20 @@ pub struct Config {
     #[arg(long, env = "REDIS_USE_SSL", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub redis_use_ssl: bool,
 
+    /// Redis password, as Flagsmith's own image reads it: the raw secret, any characters,
+    /// not URL-encoded. Used with REDIS_HOST or REDIS_URL (which must then carry none).
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// Redis ACL user name, as Flagsmith's own image reads it (with REDIS_PASSWORD).
+    #[arg(long, env = "REDIS_USERNAME", hide_env_values = true)]
+    pub redis_username: Option<String>,
+
     /// Redis URL(s), for what REDIS_HOST cannot say: `redis://` or `rediss://`,
-    /// `user:password@`, a database (`/2`); several separated by commas for cluster seed
-    /// nodes. Wins over REDIS_HOST and REDIS_PORT.
-    #[arg(long, env = "REDIS_URL")]
+    /// `user:password@` (URL-encoded), a database (`/2`); several separated by commas only
+    /// for the seed nodes of a cluster (USE_CLUSTER_MODE). Wins over REDIS_HOST and
+    /// REDIS_PORT.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Replicas that must hold a write before queue-change answers 200 (Redis `WAIT`). 0:
@@ -209,6 +219,46 @@ pub enum ConfigError {
     MissingToken,
     #[error("LISTEN_ADDR {0:?} is not an address like :8080, 127.0.0.1:8080 or [::]:8080")]
     BadListenAddr(String),
+    #[error(
+        "REDIS_URL carries credentials and REDIS_PASSWORD or REDIS_USERNAME is set too: \
+         give them in one place only"
+    )]
+    ConflictingRedisCredentials,
+    #[error(
+        "REDIS_URL lists {0} servers but USE_CLUSTER_MODE is not true: set USE_CLUSTER_MODE=true \
+         for a cluster's seed nodes, or give one URL"
+    )]
+    SeveralRedisUrls(usize),
+    #[error("REDIS_URL is set but names no server")]
+    NoRedisUrl,
+    #[error("REDIS_USERNAME is set without REDIS_PASSWORD: an ACL user needs its password")]
+    RedisUserWithoutPassword,
+    #[error(
+        "SSL_CERT_FILE {path:?} (the CA certificates trusted for TLS to Redis) cannot be used: {reason}"
+    )]
+    BadCaFile { path: PathBuf, reason: String },
+}
+
+/// Where to find Redis and how to log in, from Flagsmith's settings or REDIS_URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    /// `redis://host:port[/db]` or `rediss://...`: one server, or a cluster's seed nodes.
+    /// Credentials given in REDIS_URL stay in it (URL-encoded, as the operator wrote them).
+    pub urls: Vec<String>,
+    /// REDIS_USERNAME and REDIS_PASSWORD, raw: set on the connection, never put in a URL.
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Credentials never reach a log through `{:?}`.
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("urls", &crate::broker::redact(&self.urls.join(",")))
+            .field("username", &self.username.as_ref().map(|_| "***"))
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Config {
@@ -245,16 +295,30 @@ impl Config {
         self.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL)
     }
 
-    /// The Redis URLs to connect to: REDIS_URL's, or one built from REDIS_HOST,
-    /// REDIS_PORT and REDIS_USE_SSL.
-    pub fn redis_urls(&self) -> Vec<String> {
-        match &self.redis_url {
-            Some(urls) => urls
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .map(str::to_owned)
-                .collect(),
+    /// Where Redis is and how to log in: REDIS_URL, or a URL built from REDIS_HOST,
+    /// REDIS_PORT and REDIS_USE_SSL; with REDIS_USERNAME and REDIS_PASSWORD as Flagsmith's
+    /// image takes them. Refuses what would otherwise be silently ignored: credentials in
+    /// two places, several URLs without cluster mode, an unusable SSL_CERT_FILE.
+    pub fn redis_target(&self) -> Result<RedisTarget, ConfigError> {
+        let nonempty = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        let (username, password) = (
+            nonempty(&self.redis_username),
+            nonempty(&self.redis_password),
+        );
+        if username.is_some() && password.is_none() {
+            return Err(ConfigError::RedisUserWithoutPassword);
+        }
+        let urls: Vec<String> = match &self.redis_url {
+            Some(list) => {
+                let urls: Vec<String> = split_urls(list);
+                if urls.is_empty() {
+                    return Err(ConfigError::NoRedisUrl);
+                }
+                if password.is_some() && urls.iter().any(|u| url_has_credentials(u)) {
+                    return Err(ConfigError::ConflictingRedisCredentials);
+                }
+                urls
+            }
             None => {
                 let scheme = if self.redis_use_ssl {
                     "rediss"
@@ -262,9 +326,27 @@ impl Config {
                     "redis"
                 };
                 let host = self.redis_host.as_deref().unwrap_or("localhost");
+                let host = if host.contains(':') && !host.starts_with('[') {
+                    format!("[{host}]")
+                } else {
+                    host.to_owned()
+                };
                 vec![format!("{scheme}://{host}:{}", self.redis_port)]
             }
+        };
+        if urls.len() > 1 && !self.use_cluster_mode {
+            return Err(ConfigError::SeveralRedisUrls(urls.len()));
         }
+        if urls.iter().any(|u| u.starts_with("rediss://"))
+            && let Some(path) = std::env::var_os("SSL_CERT_FILE")
+        {
+            check_ca_file(PathBuf::from(path))?;
+        }
+        Ok(RedisTarget {
+            urls,
+            username,
+            password,
+        })
     }
 
     /// How long a stream lives, or `None` for ever (`MAX_STREAM_AGE` of 0 or less).
@@ -289,6 +371,48 @@ impl Config {
         .filter_map(|(name, value)| Some((name, value.as_deref()?)))
         .collect()
     }
+}
+
+/// The URLs of a comma-separated list. A password may hold a comma, so a new URL starts
+/// only where a piece has a scheme (`redis://`); a piece without one belongs to the URL
+/// before it.
+fn split_urls(list: &str) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for part in list.split(',') {
+        match urls.last_mut() {
+            _ if part.trim().is_empty() => {}
+            Some(last) if !part.contains("://") => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => urls.push(part.trim_start().to_owned()),
+        }
+    }
+    urls.iter().map(|u| u.trim_end().to_owned()).collect()
+}
+
+/// Whether `user:password@` or `password@` precedes the host: a host never holds an `@`.
+fn url_has_credentials(url: &str) -> bool {
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .contains('@')
+}
+
+/// A CA file must be readable and hold at least one PEM certificate; otherwise TLS to
+/// Redis would fail later, at every connection attempt, with a less clear error.
+fn check_ca_file(path: PathBuf) -> Result<(), ConfigError> {
+    let bad = |reason: String| ConfigError::BadCaFile {
+        path: path.clone(),
+        reason,
+    };
+    let text = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+    if !text
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(bad("it holds no PEM certificate".to_owned()));
+    }
+    Ok(())
 }
 
 /// `:8080` is Go's spelling for "every interface", which the reference service accepted.
@@ -437,8 +561,12 @@ mod tests {
 
     #[test]
     fn redis_urls_from_the_shipped_settings_or_redis_url() {
-        let config = Config::try_parse_from([
-            "flagsmith-sse",
+        let target = |args: &[&str]| {
+            let mut all = vec!["flagsmith-sse"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all).expect("parses").redis_target()
+        };
+        let shipped = target(&[
             "--redis-host",
             "cache",
             "--redis-port",
@@ -446,22 +574,99 @@ mod tests {
             "--redis-use-ssl",
             "True",
         ])
-        .expect("parses");
-        assert_eq!(config.redis_urls(), ["rediss://cache:6380"]);
-        assert_eq!(
-            Config::parse_from(["flagsmith-sse"]).redis_urls(),
-            ["redis://localhost:6379"]
-        );
-        let config = Config::try_parse_from([
-            "flagsmith-sse",
+        .expect("valid");
+        assert_eq!(shipped.urls, ["rediss://cache:6380"]);
+        assert_eq!(target(&[]).expect("valid").urls, ["redis://localhost:6379"]);
+        let cluster = target(&[
+            "--use-cluster-mode",
+            "true",
             "--redis-url",
             "redis://u:p@a:1/2, redis://b:2",
         ])
-        .expect("parses");
-        assert_eq!(config.redis_urls(), ["redis://u:p@a:1/2", "redis://b:2"]);
+        .expect("valid");
+        assert_eq!(cluster.urls, ["redis://u:p@a:1/2", "redis://b:2"]);
         assert_eq!(parse_bool("False"), Ok(false));
         assert_eq!(parse_bool("TRUE"), Ok(true));
         assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn redis_credentials_as_flagsmiths_image_takes_them() {
+        let target = |args: &[&str]| {
+            let mut all = vec!["flagsmith-sse"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all).expect("parses").redis_target()
+        };
+        // Raw secrets, any characters, never put into the URL.
+        let secret = "p#?,@: w/rd";
+        let with_password = target(&[
+            "--redis-host",
+            "cache",
+            "--redis-password",
+            secret,
+            "--redis-username",
+            "flagsmith",
+        ])
+        .expect("valid");
+        assert_eq!(with_password.urls, ["redis://cache:6379"]);
+        assert_eq!(with_password.password.as_deref(), Some(secret));
+        assert_eq!(with_password.username.as_deref(), Some("flagsmith"));
+        let debug = format!("{with_password:?}");
+        assert!(!debug.contains(secret), "{debug}");
+        // Charts pass an empty secret when there is none.
+        assert_eq!(
+            target(&["--redis-password", ""]).expect("valid").password,
+            None
+        );
+        // A password with a comma in REDIS_URL is one URL, not two.
+        assert_eq!(
+            target(&["--redis-url", "redis://u:pa,ss@h:1"])
+                .expect("valid")
+                .urls,
+            ["redis://u:pa,ss@h:1"]
+        );
+        assert_eq!(
+            target(&["--redis-url", "redis://:pw@h:1", "--redis-password", "x"]),
+            Err(ConfigError::ConflictingRedisCredentials)
+        );
+        assert_eq!(
+            target(&["--redis-url", "redis://h:1", "--redis-password", "x"])
+                .expect("valid")
+                .password
+                .as_deref(),
+            Some("x")
+        );
+        assert_eq!(
+            target(&["--redis-url", "redis://a:1,redis://b:2"]),
+            Err(ConfigError::SeveralRedisUrls(2))
+        );
+        assert_eq!(
+            target(&["--redis-username", "u"]),
+            Err(ConfigError::RedisUserWithoutPassword)
+        );
+        assert_eq!(
+            target(&["--redis-url", " , "]),
+            Err(ConfigError::NoRedisUrl)
+        );
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").expect("write");
+        for (path, why) in [
+            (dir.path().join("missing.pem"), "No such file"),
+            (empty, "no PEM certificate"),
+        ] {
+            match check_ca_file(path.clone()) {
+                Err(ConfigError::BadCaFile { path: p, reason }) => {
+                    assert_eq!(p, path);
+                    assert!(reason.contains(why), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -139,7 +139,8 @@ fn metrics(state: &AppState) -> Response<Body> {
         environments: state.hub().len(),
         environments_subscribed: state.hub().subscribed(),
         max_subscribers: state.stream.settings.max_socket_subscribers,
-        nats_connected: state.broker.is_connected(),
+        broker: state.broker.name(),
+        broker_connected: state.broker.is_connected(),
         ready: state.is_ready(),
     });
     full(

@@ -233,6 +233,24 @@ impl Hub {
             .count()
     }
 
+    /// Every environment's newest update that is still within the retention at `now`:
+    /// what this instance stores back into a broker that lost its data.
+    pub fn snapshot(&self, now: SystemTime) -> Vec<(Box<str>, Update)> {
+        let slots: Vec<(Box<str>, Slot)> = self
+            .lock()
+            .environments
+            .iter()
+            .map(|(key, slot)| (key.clone(), slot.clone()))
+            .collect();
+        slots
+            .into_iter()
+            .filter_map(|(key, slot)| {
+                let update = slot.borrow().update?;
+                is_fresh(update.stored_at, now, self.retention).then_some((key, update))
+            })
+            .collect()
+    }
+
     /// Environments held (with subscribers or a fresh update).
     pub fn len(&self) -> usize {
         self.lock().environments.len()
@@ -253,6 +271,35 @@ mod tests {
             sequence,
             stored_at: SystemTime::now(),
         }
+    }
+
+    #[test]
+    fn snapshot_holds_every_fresh_newest_update() {
+        let hub = Hub::new(Duration::from_secs(60));
+        let now = SystemTime::now();
+        let fresh = Update {
+            timestamp: Timestamp::from_micros(2_000_000).expect("valid"),
+            sequence: 2,
+            stored_at: now,
+        };
+        hub.apply(
+            "a",
+            Update {
+                timestamp: Timestamp::from_micros(1_000_000).expect("valid"),
+                ..fresh
+            },
+        );
+        hub.apply("a", fresh);
+        hub.apply(
+            "old",
+            Update {
+                stored_at: now - Duration::from_secs(61),
+                ..fresh
+            },
+        );
+        let _subscribed_only = hub.subscribe("empty");
+        let snapshot = hub.snapshot(now);
+        assert_eq!(snapshot, vec![("a".into(), fresh)]);
     }
 
     #[test]

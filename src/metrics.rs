@@ -93,6 +93,57 @@ impl NatsOp {
     }
 }
 
+/// A broker operation that can fail, the `operation` label of
+/// `flagsmith_sse_broker_errors_total`: the same words for every backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerOp {
+    /// Opening a connection, or a connection found dead.
+    Connect,
+    /// Creating what the backend needs (a JetStream stream or consumer).
+    Setup,
+    /// Storing an update.
+    Publish,
+    /// Following other instances' updates.
+    Read,
+    /// Waiting for replicas to hold a write (`REDIS_WAIT_REPLICAS`).
+    Wait,
+    /// Storing back what this instance holds after the broker lost its data.
+    Restore,
+}
+
+impl BrokerOp {
+    const ALL: [BrokerOp; 6] = [
+        BrokerOp::Connect,
+        BrokerOp::Setup,
+        BrokerOp::Publish,
+        BrokerOp::Read,
+        BrokerOp::Wait,
+        BrokerOp::Restore,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            BrokerOp::Connect => "connect",
+            BrokerOp::Setup => "setup",
+            BrokerOp::Publish => "publish",
+            BrokerOp::Read => "read",
+            BrokerOp::Wait => "wait",
+            BrokerOp::Restore => "restore",
+        }
+    }
+}
+
+impl From<NatsOp> for BrokerOp {
+    fn from(op: NatsOp) -> Self {
+        match op {
+            NatsOp::Connect => BrokerOp::Connect,
+            NatsOp::CreateJetstream | NatsOp::CreateConsumer => BrokerOp::Setup,
+            NatsOp::Publish => BrokerOp::Publish,
+            NatsOp::Pull | NatsOp::Read | NatsOp::Ack => BrokerOp::Read,
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the latency histograms' buckets.
 const BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -168,7 +219,9 @@ pub struct Metrics {
     http_errors: [AtomicU64; 3],
     http_writes: [AtomicU64; 3],
     nats_errors: [AtomicU64; 7],
-    nats_reconnects: AtomicU64,
+    broker_errors: [AtomicU64; 6],
+    /// Connections to the broker re-established (NATS or Redis alike).
+    broker_reconnects: AtomicU64,
     /// From the update being stored to its event written to a subscriber. "Stored" is
     /// this instance's clock at the JetStream acknowledgement for updates it published, and
     /// JetStream's own timestamp for those its consumer delivered from other instances.
@@ -181,7 +234,9 @@ pub struct Gauges {
     pub environments: usize,
     pub environments_subscribed: usize,
     pub max_subscribers: usize,
-    pub nats_connected: bool,
+    /// Which broker this instance uses (`nats`, `redis`, `memory`), the `broker` label.
+    pub broker: &'static str,
+    pub broker_connected: bool,
     pub ready: bool,
 }
 
@@ -245,12 +300,18 @@ impl Metrics {
         self.http_errors[message as usize].fetch_add(1, Relaxed);
     }
 
+    /// A failed NATS operation: counted under the seed's NATS name and the broker-neutral one.
     pub fn nats_error(&self, op: NatsOp) {
         self.nats_errors[op as usize].fetch_add(1, Relaxed);
+        self.broker_error(op.into());
     }
 
-    pub fn nats_reconnected(&self) {
-        self.nats_reconnects.fetch_add(1, Relaxed);
+    pub fn broker_error(&self, op: BrokerOp) {
+        self.broker_errors[op as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn broker_reconnected(&self) {
+        self.broker_reconnects.fetch_add(1, Relaxed);
     }
 
     pub fn delivered(&self, since_stored: std::time::Duration) {
@@ -264,10 +325,6 @@ impl Metrics {
             .position(|s| *s == code)
             .unwrap_or(STATUSES.len() - 1);
         self.queue_change_duration[index].observe(elapsed);
-    }
-
-    pub fn nats_errors(&self, op: NatsOp) -> u64 {
-        self.nats_errors[op as usize].load(Relaxed)
     }
 
     /// The Prometheus text exposition format, version 0.0.4.
@@ -352,24 +409,14 @@ impl Metrics {
              # HELP flagsmith_sse_environments_subscribed Environments with at least one subscriber here.\n\
              # TYPE flagsmith_sse_environments_subscribed gauge\n\
              flagsmith_sse_environments_subscribed {}\n\
-             # HELP flagsmith_sse_nats_connected Whether the NATS connection is up (1) or not (0).\n\
-             # TYPE flagsmith_sse_nats_connected gauge\n\
-             flagsmith_sse_nats_connected {}\n\
              # HELP flagsmith_sse_ready Whether /readyz answers 200 (1) or 503 (0).\n\
              # TYPE flagsmith_sse_ready gauge\n\
              flagsmith_sse_ready {}",
             gauges.environments,
             gauges.environments_subscribed,
-            u8::from(gauges.nats_connected),
             u8::from(gauges.ready),
         );
-        let _ = writeln!(
-            out,
-            "# HELP flagsmith_sse_nats_reconnects_total Times the NATS connection was re-established.\n\
-             # TYPE flagsmith_sse_nats_reconnects_total counter\n\
-             flagsmith_sse_nats_reconnects_total {}",
-            self.nats_reconnects.load(Relaxed)
-        );
+        self.render_broker(&mut out, gauges);
         let _ = writeln!(
             out,
             "# HELP flagsmith_sse_delivery_latency_seconds From an update being stored to its event written to a subscriber.\n\
@@ -391,6 +438,47 @@ impl Metrics {
         }
         render_process(&mut out);
         out
+    }
+}
+
+impl Metrics {
+    /// The broker's series under names that do not say NATS, and for NATS also under the
+    /// names the seed's dashboards know (`flagsmith_sse_nats_connected` only with NATS, so
+    /// that an alert on it does not fire for a Redis deployment).
+    fn render_broker(&self, out: &mut String, gauges: &Gauges) {
+        let broker = gauges.broker;
+        let connected = u8::from(gauges.broker_connected);
+        let reconnects = self.broker_reconnects.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP flagsmith_sse_broker_connected Whether the connection to the broker is up (1) or not (0).\n\
+             # TYPE flagsmith_sse_broker_connected gauge\n\
+             flagsmith_sse_broker_connected{{broker=\"{broker}\"}} {connected}\n\
+             # HELP flagsmith_sse_broker_reconnects_total Times a connection to the broker was re-established.\n\
+             # TYPE flagsmith_sse_broker_reconnects_total counter\n\
+             flagsmith_sse_broker_reconnects_total{{broker=\"{broker}\"}} {reconnects}\n\
+             # HELP flagsmith_sse_broker_errors_total Broker operations that failed.\n\
+             # TYPE flagsmith_sse_broker_errors_total counter"
+        );
+        for op in BrokerOp::ALL {
+            let _ = writeln!(
+                out,
+                "flagsmith_sse_broker_errors_total{{broker=\"{broker}\",operation=\"{}\"}} {}",
+                op.label(),
+                self.broker_errors[op as usize].load(Relaxed)
+            );
+        }
+        if broker == "nats" {
+            let _ = writeln!(
+                out,
+                "# HELP flagsmith_sse_nats_connected Whether the NATS connection is up (1) or not (0).\n\
+                 # TYPE flagsmith_sse_nats_connected gauge\n\
+                 flagsmith_sse_nats_connected {connected}\n\
+                 # HELP flagsmith_sse_nats_reconnects_total Times the NATS connection was re-established.\n\
+                 # TYPE flagsmith_sse_nats_reconnects_total counter\n\
+                 flagsmith_sse_nats_reconnects_total {reconnects}"
+            );
+        }
     }
 }
 
@@ -444,6 +532,7 @@ mod tests {
         metrics.stream_refused(true);
         metrics.http_error(WriteKind::Keepalive);
         metrics.nats_error(NatsOp::CreateJetstream);
+        metrics.broker_reconnected();
         metrics.delivered(std::time::Duration::from_millis(7));
         metrics.delivered(std::time::Duration::from_secs(60));
         metrics.queue_change_answered(503, std::time::Duration::from_millis(3));
@@ -451,7 +540,8 @@ mod tests {
             environments: 3,
             environments_subscribed: 1,
             max_subscribers: 2,
-            nats_connected: true,
+            broker: "nats",
+            broker_connected: true,
             ready: false,
         });
         for line in [
@@ -473,7 +563,11 @@ mod tests {
             "flagsmith_sse_environments_subscribed 1",
             "flagsmith_sse_nats_connected 1",
             "flagsmith_sse_ready 0",
-            "flagsmith_sse_nats_reconnects_total 0",
+            "flagsmith_sse_nats_reconnects_total 1",
+            "flagsmith_sse_broker_connected{broker=\"nats\"} 1",
+            "flagsmith_sse_broker_reconnects_total{broker=\"nats\"} 1",
+            "flagsmith_sse_broker_errors_total{broker=\"nats\",operation=\"setup\"} 1",
+            "flagsmith_sse_broker_errors_total{broker=\"nats\",operation=\"wait\"} 0",
             "flagsmith_sse_delivery_latency_seconds_bucket{le=\"0.01\"} 1",
             "flagsmith_sse_delivery_latency_seconds_bucket{le=\"+Inf\"} 2",
             "flagsmith_sse_delivery_latency_seconds_count 2",
@@ -485,5 +579,28 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn a_redis_instance_exports_no_nats_connection_series() {
+        let metrics = Metrics::default();
+        metrics.broker_error(BrokerOp::Wait);
+        let text = metrics.render(&Gauges {
+            environments: 0,
+            environments_subscribed: 0,
+            max_subscribers: 0,
+            broker: "redis",
+            broker_connected: false,
+            ready: false,
+        });
+        assert!(text.contains("flagsmith_sse_broker_connected{broker=\"redis\"} 0\n"));
+        assert!(text.contains(
+            "flagsmith_sse_broker_errors_total{broker=\"redis\",operation=\"wait\"} 1\n"
+        ));
+        assert!(!text.contains("flagsmith_sse_nats_connected"), "{text}");
+        assert!(
+            !text.contains("flagsmith_sse_nats_reconnects_total"),
+            "{text}"
+        );
     }
 }

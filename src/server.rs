@@ -330,19 +330,20 @@ async fn start_broker(
     config: &Config,
     hub: &Arc<Hub>,
     metrics: &Arc<Metrics>,
-) -> Result<Arc<dyn Broker>, BrokerError> {
+) -> Result<Arc<dyn Broker>, ServerError> {
     let (kind, why) = config.broker_choice();
     info!(broker = ?kind, because = why, "broker chosen");
     Ok(match kind {
         BrokerKind::Redis => {
             RedisBroker::start(
                 RedisSettings {
-                    urls: config.redis_urls(),
+                    target: config.redis_target()?,
                     cluster: config.use_cluster_mode,
                     timeout: config.redis_timeout,
                     wait_replicas: config.redis_wait_replicas,
                 },
                 hub.clone(),
+                metrics.clone(),
             )
             .await?
         }
@@ -421,7 +422,9 @@ fn log_start(config: &Config, listener: &TcpListener, tls: bool, settings: &Sett
         broker = ?kind,
         store = %match kind {
             BrokerKind::Nats => redact(config.nats_url()),
-            BrokerKind::Redis => redact(&config.redis_urls().join(",")),
+            BrokerKind::Redis => config
+                .redis_target()
+                .map_or_else(|e| e.to_string(), |t| redact(&t.urls.join(","))),
             BrokerKind::Memory => "this process".to_owned(),
         },
         stream = %config.nats_stream,

@@ -24,4 +24,18 @@ mod tests {
         assert!(seen.iter().all(|n| (80..=120).contains(n)), "{seen:?}");
         assert_ne!(scatter(1, 0), scatter(1, 1));
     }
+
+    /// Stream ages are `age * (0.9 + 0.2 * scatter(serial, 0xA6E))` (`sse::spread_age`): a
+    /// few dozen clients that connect together (consecutive serials) reach both ends of the
+    /// ±10 % spread, not one side of it. `tests/stream_age.rs` measures the same through
+    /// the service on every path.
+    #[test]
+    fn a_few_dozen_consecutive_streams_reach_both_ends_of_the_age_spread() {
+        for first in [0, 1, 1_000, 123_456_789] {
+            let draws: Vec<f64> = (first..first + 40).map(|s| scatter(s, 0xA6E)).collect();
+            let min = draws.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = draws.iter().copied().fold(0.0, f64::max);
+            assert!(min < 0.1 && max > 0.9, "from {first}: {min} .. {max}");
+        }
+    }
 }

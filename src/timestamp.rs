@@ -1,10 +1,17 @@
 //! Update timestamps: parsing what Flagsmith sends, and rendering what SDKs compare.
 //!
-//! SDKs compare the `updated_at` they receive with the `X-Flagsmith-Document-Updated-At`
-//! header that Flagsmith's API computes with Python's `datetime.timestamp()`. Any difference
-//! in the last bit makes every SDK refetch its flags on every event, so a timestamp is kept
-//! as whole microseconds (what a Python `datetime` holds) and turned into seconds exactly as
-//! Python does: `microseconds / 1e6`, one correctly rounded division.
+//! A timestamp is kept as whole microseconds, what a Python `datetime` (and so Flagsmith's
+//! API, its environment document and its `X-Flagsmith-Document-Updated-At` header) holds.
+//! The `updated_at` written to SDKs is chosen so that no SDK reads an update it already
+//! holds as newer, and every SDK reads one a microsecond newer as newer (issue 14). SDKs
+//! compare it in different ways: Go turns the float into (seconds, nanoseconds) by
+//! truncation and compares with the document's exact microseconds; Python rounds it to a
+//! microsecond; JavaScript, iOS and Android compare it with the header's correctly
+//! rounded float; Ruby with the last one it got; Flutter with the device's clock. The
+//! correctly rounded float (`micros / 1e6`, what Python's `datetime.timestamp()` gives)
+//! lies above the exact time for about half of all timestamps, and Go then reads every
+//! equal update as newer. The largest float not above the exact time satisfies them all
+//! (`tests/sdk_arithmetic.rs` proves it per SDK, up to 2106).
 
 use std::fmt;
 
@@ -53,13 +60,6 @@ impl Timestamp {
         self.0
     }
 
-    /// Seconds since the epoch, bit for bit what Python's `datetime.timestamp()` returns.
-    pub fn as_secs_f64(self) -> f64 {
-        // Both operands are exact in f64 (micros <= 2^53), so this is one correctly rounded
-        // division, as Python's true division of two ints is.
-        self.0 as f64 / 1e6
-    }
-
     /// Parses the body of a `queue-change` request (or a stored NATS message, which uses the
     /// same shape): a JSON object whose `updated_at` is an ISO-8601 string or a number.
     pub fn from_update_json(body: &[u8]) -> Result<Self, TimestampError> {
@@ -88,18 +88,115 @@ impl Timestamp {
     }
 }
 
-/// Renders the timestamp as a JSON number that always has a decimal point: Flutter's SDK
-/// ignores an integer literal. Rust's shortest round-trip formatting gives the same digits
-/// as Python's `repr(float)` and never uses an exponent for values in our range.
+/// Renders the timestamp as a JSON number that always has a decimal point (Flutter's SDK
+/// ignores an integer literal) and never an exponent: a decimal text whose nearest float is
+/// `as_secs_f64_not_after()`, so that no SDK reads it as later than the exact time (see the
+/// module's comment), and that `parse_decimal_seconds` reads back as the same microseconds
+/// (stored updates are read back that way). The shortest such text where there is one,
+/// which is the float's shortest round-trip text for every timestamp up to 2038.
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = self.as_secs_f64();
-        if self.0 % 1_000_000 == 0 {
-            write!(f, "{secs}.0")
+        f.write_str(&self.render())
+    }
+}
+
+impl Timestamp {
+    /// Seconds since the epoch, correctly rounded: bit for bit what Python's
+    /// `datetime.timestamp()` returns, and so the value of the `X-Flagsmith-Document-Updated-At`
+    /// header Flagsmith's API sends with the same instant. Not what SDKs are sent: see
+    /// `as_secs_f64_not_after`.
+    pub fn as_secs_f64(self) -> f64 {
+        // Both operands are exact in f64 (micros <= 2^53), so this is one correctly rounded
+        // division, as Python's true division of two ints is.
+        self.0 as f64 / 1e6
+    }
+
+    /// The largest float not above the exact time `micros / 10^6`: the correctly rounded
+    /// value, or the float just below it when that one lies above the exact time.
+    pub fn as_secs_f64_not_after(self) -> f64 {
+        let rounded = self.as_secs_f64();
+        if exceeds(rounded, self.0) {
+            // Positive and finite: the next float down is the one whose bits are one less.
+            f64::from_bits(rounded.to_bits() - 1)
         } else {
-            write!(f, "{secs}")
+            rounded
         }
     }
+
+    fn render(self) -> String {
+        let value = self.as_secs_f64_not_after();
+        let reads_back = |text: &str| {
+            text.parse::<f64>().ok() == Some(value) && parse_decimal_seconds(text) == Ok(self)
+        };
+        let shortest = with_point(format!("{value}"));
+        if reads_back(&shortest) {
+            return shortest;
+        }
+        // The shortest text of the float lies more than half a microsecond below the exact
+        // time (from 2038 on, where floats are 2^-21 s apart): take, with as few digits as
+        // will do, the largest decimal still below the midpoint to the next float up, which
+        // the float's own rounding interval holds and which lies closer to the exact time.
+        (7..=20)
+            .map(|digits| with_point(below_midpoint(value, digits)))
+            .find(|text| reads_back(text))
+            // Past 2242 floats are 2 µs apart and no text is both: keep the exact value.
+            .unwrap_or_else(|| with_point(format!("{}", self.as_secs_f64())))
+    }
+}
+
+/// Whether the float `value` (zero, or at least 10^-6, from `micros / 1e6`) is above
+/// `micros / 10^6`, computed exactly.
+fn exceeds(value: f64, micros: i64) -> bool {
+    if value == 0.0 {
+        return false;
+    }
+    let (mantissa, exponent) = decompose(value);
+    // value = mantissa * 2^exponent; compare mantissa * 2^exponent * 10^6 with micros.
+    let scaled = u128::from(mantissa) * 1_000_000;
+    let micros = micros.unsigned_abs() as u128;
+    if exponent >= 0 {
+        (scaled << exponent) > micros
+    } else {
+        scaled > (micros << -exponent)
+    }
+}
+
+/// `value` (positive, finite, at most 2^33) as mantissa * 2^exponent.
+fn decompose(value: f64) -> (u64, i32) {
+    let bits = value.to_bits();
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    let fraction = bits & ((1 << 52) - 1);
+    if biased == 0 {
+        (fraction, -1074)
+    } else {
+        (fraction | (1 << 52), biased - 1075)
+    }
+}
+
+/// The largest decimal with `digits` fraction digits strictly below the midpoint between
+/// `value` and the next float up.
+fn below_midpoint(value: f64, digits: u32) -> String {
+    let (mantissa, exponent) = decompose(value);
+    // midpoint = (2 * mantissa + 1) * 2^(exponent - 1); values here are below 2^34, so
+    // exponent - 1 < 0.
+    let shift = (1 - exponent) as u32;
+    let scale = 10u128.pow(digits);
+    let numerator = (2 * u128::from(mantissa) + 1) * scale;
+    let quotient = (numerator >> shift) - u128::from(numerator.trailing_zeros() >= shift);
+    let whole = quotient / scale;
+    let fraction = quotient % scale;
+    let text = format!("{whole}.{fraction:0width$}", width = digits as usize);
+    text.trim_end_matches('0').to_owned()
+}
+
+fn with_point(mut text: String) -> String {
+    if !text.contains('.') {
+        text.push_str(".0");
+    }
+    if text.ends_with('.') {
+        text.push('0');
+    }
+    text
 }
 
 /// Parses a JSON number literal of Unix seconds, rounding to whole microseconds half to

@@ -35,7 +35,7 @@ async fn the_configuration_of_flagsmiths_image_alone_selects_redis() {
         .await;
     assert_eq!(resp.status, 200, "{}", resp.body);
     assert_eq!(resp.json()["status"], "stored");
-    assert_eq!(sse.next_update(5 * SECOND).await, Some(1752500983.123456));
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(1752500983.1234558));
 }
 
 #[tokio::test]
@@ -305,10 +305,10 @@ async fn redis_over_tls_with_the_shipped_settings() {
     assert_eq!(get(untrusting.addr, "/readyz").await.status, 503);
 }
 
-/// What Flagsmith's image cannot do: a Redis that requires a password, through REDIS_URL.
+/// A password given in REDIS_URL (URL-encoded there) is used as well.
 #[tokio::test]
 async fn a_password_in_redis_url_is_used() {
-    let redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let redis = Redis::start_with_auth(None, "s3cret", false);
     let with = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
     let svc = Service::start_redis(&with, &[]);
     svc.wait_ready().await;
@@ -321,4 +321,327 @@ async fn a_password_in_redis_url_is_used() {
     let without = Service::start_redis(&redis.url(), &[]);
     without.wait_readyz(503, Duration::from_secs(5)).await;
     assert_eq!(without.publish(KEY, "4.5").await.status, 503);
+}
+
+/// A secret with every character that breaks URL or list parsing.
+const HARD_PASSWORD: &str = "p#?,@: w/rd%";
+
+/// Each way Flagsmith's chart configures a Redis that needs a password: REDIS_HOST and
+/// REDIS_PORT with REDIS_PASSWORD (from a secret), an ACL user (REDIS_USERNAME), and TLS
+/// with a password. The raw secret is used as given, and never printed.
+#[tokio::test]
+async fn redis_passwords_as_flagsmiths_chart_passes_them() {
+    for (user, tls) in [(None, false), (Some("flagsmith"), false), (None, true)] {
+        let redis = Redis::start_with_auth(user, HARD_PASSWORD, tls);
+        let port = redis.port.to_string();
+        let ca = tls.then(|| redis.tls_cert().display().to_string());
+        let mut env = vec![
+            ("REDIS_HOST", "127.0.0.1"),
+            ("REDIS_PORT", port.as_str()),
+            ("REDIS_PASSWORD", HARD_PASSWORD),
+        ];
+        if let Some(user) = user {
+            env.push(("REDIS_USERNAME", user));
+        }
+        if let Some(ca) = &ca {
+            env.extend([("REDIS_USE_SSL", "true"), ("SSL_CERT_FILE", ca.as_str())]);
+        }
+        let svc = Service::start_without_nats(&env);
+        svc.wait_ready().await;
+        let mut sse = svc.subscribe(KEY).await;
+        let resp = svc.publish(KEY, "3.5").await;
+        assert_eq!(resp.status, 200, "{user:?} tls={tls}: {}", resp.body);
+        assert_eq!(sse.next_update(5 * SECOND).await, Some(3.5));
+        // Stored in Redis itself, under the ACL user's rights.
+        assert!(
+            redis
+                .cli(&["HGET", "{flagsmith-sse}:latest", KEY])
+                .starts_with("3500000:"),
+            "{user:?} tls={tls}"
+        );
+        let log = svc.log();
+        assert!(!log.contains(HARD_PASSWORD), "the password reached the log");
+        assert!(
+            !log.contains("w/rd"),
+            "part of the password reached the log"
+        );
+    }
+}
+
+/// Without the password Redis refuses every command: never ready, writes refused, and the
+/// cause logged at `warn` (the default level shows it) as an authentication failure.
+#[tokio::test]
+async fn a_missing_or_wrong_password_is_logged_as_such() {
+    let redis = Redis::start_with_auth(None, HARD_PASSWORD, false);
+    let port = redis.port.to_string();
+    for password in [None, Some("wrong")] {
+        let mut env = vec![
+            ("REDIS_HOST", "127.0.0.1"),
+            ("REDIS_PORT", port.as_str()),
+            ("LOG_LEVEL", "warn"),
+        ];
+        env.extend(password.map(|p| ("REDIS_PASSWORD", p)));
+        let svc = Service::start_without_nats(&env);
+        svc.wait_readyz(503, Duration::from_secs(5)).await;
+        assert_eq!(svc.publish(KEY, "4.5").await.status, 503);
+        eventually_async(10 * SECOND, "an authentication warning", async || {
+            let log = svc.log();
+            log.contains("WARN")
+                && log.contains("broker connection failed")
+                && log.contains("authentication")
+        })
+        .await;
+        let log = svc.log();
+        // Rate-limited: two connections (writer, reader) fail every few hundred ms, but
+        // each says so once per 30 s.
+        let warnings = log.matches("broker connection failed").count();
+        assert!(warnings <= 2, "{warnings} warnings:\n{log}");
+        assert!(!log.contains(HARD_PASSWORD));
+    }
+}
+
+/// A Redis Cluster whose nodes require a password, configured as Flagsmith's chart does:
+/// USE_CLUSTER_MODE with one node's REDIS_HOST/REDIS_PORT and REDIS_PASSWORD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_a_password() {
+    let cluster = RedisCluster::start_with_password(Some(HARD_PASSWORD));
+    let port = cluster.nodes[0].port.to_string();
+    let svc = Service::start_without_nats(&[
+        ("REDIS_HOST", "127.0.0.1"),
+        ("REDIS_PORT", &port),
+        ("USE_CLUSTER_MODE", "True"),
+        ("REDIS_PASSWORD", HARD_PASSWORD),
+    ]);
+    svc.wait_ready().await;
+    let mut sse = svc.subscribe(KEY).await;
+    assert_eq!(svc.publish_until_ok(KEY, "5.5").await.status, 200);
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(5.5));
+    let primary = cluster.primary_for("{flagsmith-sse}:latest");
+    assert!(
+        cluster.nodes[primary]
+            .cli(&["HGET", "{flagsmith-sse}:latest", KEY])
+            .starts_with("5500000:")
+    );
+    assert!(!svc.log().contains(HARD_PASSWORD));
+}
+
+/// What cannot be right is refused at start with a clear error, never silently ignored.
+#[test]
+fn conflicting_or_unusable_redis_settings_refuse_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing_ca = dir.path().join("missing-ca.pem").display().to_string();
+    for (env, says) in [
+        (
+            vec![
+                ("REDIS_URL", "redis://:inurl@127.0.0.1:1"),
+                ("REDIS_PASSWORD", "alsohere"),
+            ],
+            "REDIS_PASSWORD",
+        ),
+        (
+            vec![("REDIS_URL", "redis://127.0.0.1:1,redis://127.0.0.1:2")],
+            "USE_CLUSTER_MODE",
+        ),
+        (
+            vec![
+                ("REDIS_HOST", "127.0.0.1"),
+                ("REDIS_USE_SSL", "true"),
+                ("SSL_CERT_FILE", missing_ca.as_str()),
+            ],
+            "SSL_CERT_FILE",
+        ),
+        (
+            vec![("REDIS_USERNAME", "u"), ("REDIS_HOST", "h")],
+            "REDIS_PASSWORD",
+        ),
+    ] {
+        let mut all = env.clone();
+        all.push(("SSE_AUTHENTICATION_TOKEN", "t"));
+        let (status, out) = run_to_exit(&[], &all);
+        assert!(!status.success(), "{env:?} started:\n{out}");
+        assert!(out.contains(says), "{env:?}: {out}");
+        assert!(!out.contains("inurl") && !out.contains("alsohere"), "{out}");
+        if says == "REDIS_PASSWORD" && env.len() == 2 {
+            assert!(out.contains("REDIS_URL"), "names both: {out}");
+        }
+    }
+}
+
+/// `--help` shows where each setting comes from, never a secret's value.
+#[test]
+fn help_prints_no_secret() {
+    let (status, help) = run_to_exit(
+        &["--help"],
+        &[
+            ("SSE_AUTHENTICATION_TOKEN", "tok-SECRET-1"),
+            ("REDIS_PASSWORD", "pw-SECRET-2"),
+            ("REDIS_USERNAME", "user-SECRET-3"),
+            ("REDIS_URL", "redis://u:url-SECRET-4@h:1"),
+            ("NATS_URL", "nats://nats-SECRET-5@h:4222"),
+        ],
+    );
+    assert!(status.success());
+    assert!(help.contains("REDIS_PASSWORD"), "{help}");
+    assert!(!help.contains("SECRET"), "{help}");
+}
+
+/// `REDIS_WAIT_REPLICAS=1` with a primary and one replica: 200 while the replica takes
+/// writes; with the replica stopped (SIGSTOP), 503 within Flagsmith's 2 s, for the write and
+/// for its retry alike (a retry answered "duplicate" must not skip the wait); and a write
+/// waiting for replicas does not hold back a write to another environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_on_connections_of_their_own() {
+    let primary = Redis::start();
+    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    // A replica counts for WAIT only once its initial sync is done.
+    eventually(20 * SECOND, "the replica in sync", || {
+        primary.cli(&["WAIT", "1", "100"]).trim() == "1"
+    })
+    .await;
+    let svc = Service::start_redis(&primary.url(), &[("REDIS_WAIT_REPLICAS", "1")]);
+    svc.wait_ready().await;
+    let started = std::time::Instant::now();
+    let resp = svc.publish("env", "1.5").await;
+    assert_eq!(
+        resp.status,
+        200,
+        "{} after {:?}: {}",
+        resp.body,
+        started.elapsed(),
+        primary.cli(&["INFO", "replication"])
+    );
+    let resp = svc.publish("env", "1.5").await;
+    assert_eq!(
+        resp.status, 200,
+        "the retry, with the replica running: {}",
+        resp.body
+    );
+
+    let replica_pid = replica.pid().to_string();
+    kill(replica.pid(), "STOP");
+    let started = std::time::Instant::now();
+    let resp = svc.publish("env", "2.5").await;
+    let took = started.elapsed();
+    assert_eq!(resp.status, 503, "{}", resp.body);
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The write is in the primary; its retry is a duplicate there, and still waits.
+    assert!(
+        primary
+            .cli(&["HGET", "{flagsmith-sse}:latest", "env"])
+            .starts_with("2500000:")
+    );
+    let started = std::time::Instant::now();
+    let resp = svc.publish("env", "2.5").await;
+    assert_eq!(resp.status, 503, "the retry must wait too: {}", resp.body);
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // While one write waits for the stopped replica, another environment's write reaches
+    // Redis: it is not queued behind the WAIT.
+    let base = svc.addr;
+    let waiting = tokio::spawn(async move {
+        post(
+            base,
+            "/sse/environments/env/queue-change",
+            Some(TOKEN),
+            r#"{"updated_at": 3.5}"#,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other = tokio::spawn(async move {
+        post(
+            base,
+            "/sse/environments/other/queue-change",
+            Some(TOKEN),
+            r#"{"updated_at": 3.5}"#,
+        )
+        .await
+    });
+    eventually(SECOND, "the other environment's write in Redis", || {
+        primary
+            .cli(&["HGET", "{flagsmith-sse}:latest", "other"])
+            .starts_with("3500000:")
+    })
+    .await;
+    assert!(
+        !waiting.is_finished(),
+        "the first write stopped waiting too early"
+    );
+    assert_eq!(waiting.await.expect("join").status, 503);
+    assert_eq!(other.await.expect("join").status, 503);
+
+    kill(replica_pid.parse().expect("pid"), "CONT");
+    eventually_async(10 * SECOND, "200 once the replica is back", async || {
+        svc.publish("env", "3.5").await.status == 200
+    })
+    .await;
+}
+
+/// Redis restarted without its data while two instances run, nothing posted afterwards:
+/// the instances notice (the epoch is gone) and store back what they hold, so a third
+/// instance started later serves the newest acknowledged update of each environment. The
+/// same after a FLUSHALL under open connections (no reconnect to notice it by).
+#[tokio::test]
+async fn redis_losing_its_data_is_detected_and_repopulated_by_the_instances() {
+    let mut redis = Redis::start_with(&["--appendonly", "no"]);
+    let a = Service::start_redis(&redis.url(), &[]);
+    let b = Service::start_redis(&redis.url(), &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    assert_eq!(a.publish("one", "10.5").await.status, 200);
+    assert_eq!(b.publish("two", "20.5").await.status, 200);
+    assert_eq!(a.publish("one", "11.5").await.status, 200);
+
+    redis.restart_empty();
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let c = Service::start_redis(&redis.url(), &[]);
+    c.wait_ready().await;
+    for (key, newest) in [("one", 11.5), ("two", 20.5)] {
+        let mut sse = c.subscribe(key).await;
+        assert_eq!(sse.next_update(10 * SECOND).await, Some(newest), "{key}");
+    }
+
+    assert_eq!(redis.cli(&["FLUSHALL"]).trim(), "OK");
+    eventually(10 * SECOND, "the flushed data stored back", || {
+        redis
+            .cli(&["HGET", "{flagsmith-sse}:latest", "two"])
+            .starts_with("20500000:")
+    })
+    .await;
+    let d = Service::start_redis(&redis.url(), &[]);
+    d.wait_ready().await;
+    let mut sse = d.subscribe("one").await;
+    assert_eq!(sse.next_update(10 * SECOND).await, Some(11.5));
+}
+
+/// Environments whose newest update is older than the retention leave the hash, so that
+/// it does not grow with every environment ever updated; newer ones stay.
+#[tokio::test]
+async fn the_hash_forgets_environments_older_than_the_retention() {
+    let redis = Redis::start();
+    let svc = Service::start_redis(&redis.url(), &[("NATS_STREAM_MAX_AGE", "2s")]);
+    svc.wait_ready().await;
+    assert_eq!(svc.publish("old", "1.5").await.status, 200);
+    eventually(15 * SECOND, "the old environment pruned", || {
+        redis
+            .cli(&["HEXISTS", "{flagsmith-sse}:latest", "old"])
+            .trim()
+            == "0"
+    })
+    .await;
+    assert_eq!(svc.publish("new", "2.5").await.status, 200);
+    assert!(
+        redis
+            .cli(&["HEXISTS", "{flagsmith-sse}:latest", "new"])
+            .trim()
+            == "1"
+    );
+    // The epoch stays: it marks the data as this Redis's, whatever was pruned.
+    assert!(
+        redis
+            .cli(&["HEXISTS", "{flagsmith-sse}:latest", ":epoch"])
+            .trim()
+            == "1"
+    );
 }

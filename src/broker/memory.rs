@@ -53,6 +53,10 @@ impl Broker for MemoryBroker {
     fn is_connected(&self) -> bool {
         true
     }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
 }
 
 #[cfg(test)]

@@ -11,61 +11,137 @@
 //! and after every reconnect it first loads the hash, so a new subscriber's "latest on
 //! connect" is served from memory. Plain pub/sub would drop what is sent while an instance
 //! is disconnected; the stream does not.
+//!
+//! Connections die without a word (a crashed host, a NAT or load balancer that drops the
+//! flow): every connection here is bounded in time. The writer is pinged every
+//! `HEALTH_EVERY` and replaced when a ping or a write gets no answer in time; the reader's
+//! blocking read has a deadline a little past its block time.
+//!
+//! Redis can lose its data (a restart without persistence, a failover to an empty replica,
+//! eviction, a flush). The hash holds an epoch field, set by whoever finds it missing:
+//! a changed epoch is a certain sign, and every instance then stores back the newest update
+//! it holds per environment (the same compare-and-set, so nothing moves backwards).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::io::tcp::TcpSettings;
+use redis::{
+    AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Script,
+    Value,
+};
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::{
-    BoxFuture, Broker, BrokerError, PublishError, Published, already_current, boxed, redact,
+    Backoff, BoxFuture, Broker, BrokerError, FailureLog, PublishError, Published, already_current,
+    boxed, redact,
 };
+use crate::config::RedisTarget;
 use crate::environment::validate_key;
 use crate::hub::{Hub, Update};
+use crate::metrics::{BrokerOp, Metrics};
 use crate::timestamp::Timestamp;
 
 pub const LATEST_KEY: &str = "{flagsmith-sse}:latest";
 pub const STREAM_KEY: &str = "{flagsmith-sse}:updates";
+/// The epoch's field in the hash. Environment keys cannot hold `:`, so it meets none; and
+/// living in the hash, it goes whenever the hash goes (eviction included).
+pub const EPOCH_FIELD: &str = ":epoch";
 
 /// The stream is a log for instances that reconnect, not the store (the hash is): this
 /// many entries cover far more than any disconnect, and keep it small.
 const STREAM_MAX_LEN: u64 = 100_000;
 
-/// How long one blocking read waits before it is sent again (well below the reader's
-/// response timeout, so that an idle Redis is not mistaken for a dead one).
-const READ_BLOCK_MS: u64 = 2_000;
-const READ_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one blocking read waits before it is sent again, and how long past that an
+/// answer may take before the connection is declared dead.
+const READ_BLOCK: Duration = Duration::from_secs(2);
+const READ_RESPONSE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The writer's health check: a `PING` this often, and this long for its answer. With the
+/// reader's bound, a silent connection is replaced within about 4 s, well inside the 10 s
+/// the SPEC allows; an idle Redis sees one PING every 2 s and one XREAD every 2 s per
+/// instance.
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long opening a connection (TCP, TLS, AUTH) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the epoch is checked while the reader is idle, and (at most) how often hash
+/// entries older than the retention are pruned.
+const EPOCH_CHECK_EVERY: Duration = Duration::from_secs(2);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Connections kept idle for writes that wait for replicas (`WAIT` needs a connection of
+/// its own for the duration, since Redis serves nothing else on it meanwhile).
+const MAX_IDLE_WAITERS: usize = 32;
 
 /// Compare-and-set of an environment's newest timestamp, and the stream entry, in one step.
-/// Returns `{1, stream id}` when stored, `{0, current}` when an equal or newer one is held.
+///
+/// KEYS: the hash, the stream. ARGV: key, micros, stream max length, the stored time in ms
+/// (empty: Redis's clock now), an epoch to set if the hash has none, and `1` to rewrite
+/// what is held when not storing (so that a following `WAIT` covers a retried write too).
+/// Returns `{1, stream id, epoch}` when stored, `{0, held, epoch}` when an equal or newer
+/// one is held.
 const STORE_SCRIPT: &str = r"
+local epoch = redis.call('HGET', KEYS[1], ':epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[1], ':epoch', epoch)
+end
 local held = redis.call('HGET', KEYS[1], ARGV[1])
 if held then
   local micros = tonumber(string.match(held, '^(%d+)'))
   if micros and micros >= tonumber(ARGV[2]) then
-    return {0, held}
+    if ARGV[6] == '1' then
+      redis.call('HSET', KEYS[1], ARGV[1], held)
+    end
+    return {0, held, epoch}
   end
 end
-local now = redis.call('TIME')
-local stored_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local stored_ms = ARGV[4]
+if stored_ms == '' then
+  local now = redis.call('TIME')
+  stored_ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. stored_ms)
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'k', ARGV[1], 't', ARGV[2])
-return {1, id}
+return {1, id, epoch}
+";
+
+/// Sets the epoch if the hash has none, and returns the one it holds.
+const EPOCH_SCRIPT: &str = r"
+if redis.call('HSETNX', KEYS[1], ':epoch', ARGV[1]) == 1 then
+  return ARGV[1]
+end
+return redis.call('HGET', KEYS[1], ':epoch')
+";
+
+/// Deletes each (field, value) pair given, only if the field still holds that value: a
+/// newer update written since the scan stays.
+const PRUNE_SCRIPT: &str = r"
+local removed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    removed = removed + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return removed
 ";
 
 /// Settings of the Redis side, from `Config`.
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
-    /// `redis://` or `rediss://` URLs: one server, or the seed nodes of a cluster.
-    pub urls: Vec<String>,
+    /// The URLs (one server, or a cluster's seed nodes) and REDIS_USERNAME/REDIS_PASSWORD.
+    pub target: RedisTarget,
     pub cluster: bool,
-    /// How long to wait for Redis to take a write before answering 503.
+    /// How long to wait for Redis to take a write before answering 503, `WAIT` included.
     pub timeout: Duration,
     /// Replicas that must hold a write (`WAIT`) before it is acknowledged: 0 answers once
     /// the primary has it; 1 or more keeps acknowledged writes across a failover, in a
@@ -83,8 +159,7 @@ enum Client {
 /// A connection to one server or a cluster; both speak the same commands.
 #[derive(Clone)]
 enum Connection {
-    Single(ConnectionManager),
-    Reader(redis::aio::MultiplexedConnection),
+    Single(MultiplexedConnection),
     /// A cluster, and the hash slot our two keys live in.
     Cluster(ClusterConnection, u16),
 }
@@ -93,7 +168,6 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Reader(c) => c.req_packed_command(cmd),
             Connection::Cluster(c, _) => c.req_packed_command(cmd),
         }
     }
@@ -106,7 +180,6 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Connection::Reader(c) => c.req_packed_commands(cmd, offset, count),
             Connection::Cluster(c, _) => c.req_packed_commands(cmd, offset, count),
         }
     }
@@ -114,115 +187,261 @@ impl ConnectionLike for Connection {
     fn get_db(&self) -> i64 {
         match self {
             Connection::Single(c) => c.get_db(),
-            Connection::Reader(c) => c.get_db(),
             Connection::Cluster(c, _) => c.get_db(),
         }
     }
 }
 
+impl Connection {
+    /// Sends `cmd` to the primary that holds our keys. Commands that name no key (`PING`,
+    /// `WAIT`) would otherwise go to any node of a cluster.
+    async fn on_our_primary<T: redis::FromRedisValue>(&mut self, cmd: Cmd) -> RedisResult<T> {
+        match self {
+            Connection::Cluster(cluster, slot) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(*slot, SlotAddr::Master),
+                ));
+                redis::from_redis_value(cluster.route_command(cmd, route).await?)
+                    .map_err(redis::RedisError::from)
+            }
+            Connection::Single(single) => cmd.query_async(single).await,
+        }
+    }
+
+    async fn ping(&mut self) -> RedisResult<()> {
+        self.on_our_primary::<String>(redis::cmd("PING"))
+            .await
+            .map(drop)
+    }
+}
+
 pub struct RedisBroker {
-    writer: Arc<Writer>,
-    script: Script,
     settings: RedisSettings,
+    writer_client: Client,
+    reader_client: Client,
+    /// The health-checked connection writes share; `None` while it is being replaced.
+    writer: Mutex<Option<Connection>>,
+    /// Poked when a write failed in a way that suggests the writer's connection is dead.
+    writer_suspect: Notify,
+    /// Connections for writes that wait for replicas, one such write at a time each.
+    waiters: Mutex<Vec<Connection>>,
+    store_script: Script,
+    epoch_script: Script,
+    prune_script: Script,
     hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    reader_up: AtomicBool,
     /// The reader is connected and has loaded what Redis holds.
-    ready: AtomicBool,
+    caught_up: AtomicBool,
+    /// The data epoch this instance has caught up with; `None` until the first load.
+    epoch: Mutex<Option<String>>,
+    /// Poked by a write that found another epoch than ours: the reader checks and stores
+    /// back what this instance holds.
+    epoch_changed: Notify,
 }
 
 impl RedisBroker {
-    /// Connects for writing (retrying in the background if Redis is not up yet) and starts
-    /// the reader that feeds `hub`. `/readyz` says 503 until the reader has loaded the hash.
-    pub async fn start(settings: RedisSettings, hub: Arc<Hub>) -> Result<Arc<Self>, BrokerError> {
-        let client = client(&settings, settings.timeout)?;
-        let writer = Arc::new(Writer {
-            current: Mutex::new(None),
-            client,
-        });
-        match &writer.client {
-            Client::Single(client) => {
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(settings.timeout))
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_max_delay(Duration::from_secs(2));
-                // Lazy: connects (and reconnects) on use, so a Redis that is down at
-                // start-up delays readiness, not the start.
-                let manager = ConnectionManager::new_lazy_with_config((**client).clone(), config)
-                    .map_err(|e| BrokerError::Connect(boxed(e)))?;
-                writer.replace(Connection::Single(manager));
-            }
-            Client::Cluster(_) => writer.connect_cluster(),
-        }
+    /// Starts the writer's and the reader's connections in the background (a Redis that
+    /// is down at start-up delays readiness, not the start); `/readyz` says 503 until both
+    /// are up and the reader has loaded the hash.
+    pub async fn start(
+        settings: RedisSettings,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, BrokerError> {
         let broker = Arc::new(Self {
-            writer,
-            script: Script::new(STORE_SCRIPT),
-            settings: settings.clone(),
+            writer_client: client(&settings, settings.timeout)?,
+            reader_client: client(&settings, READ_RESPONSE_TIMEOUT)?,
+            settings,
+            writer: Mutex::new(None),
+            writer_suspect: Notify::new(),
+            waiters: Mutex::new(Vec::new()),
+            store_script: Script::new(STORE_SCRIPT),
+            epoch_script: Script::new(EPOCH_SCRIPT),
+            prune_script: Script::new(PRUNE_SCRIPT),
             hub,
-            ready: AtomicBool::new(false),
+            metrics,
+            reader_up: AtomicBool::new(false),
+            caught_up: AtomicBool::new(false),
+            epoch: Mutex::new(None),
+            epoch_changed: Notify::new(),
         });
-        let reader_client = self::client(&settings, READ_RESPONSE_TIMEOUT)?;
-        tokio::spawn(broker.clone().run_reader(reader_client));
+        tokio::spawn(broker.clone().keep_writer());
+        tokio::spawn(broker.clone().run_reader());
         Ok(broker)
     }
 
-    /// Keeps one reader for the life of the process, reconnecting with a backoff.
-    async fn run_reader(self: Arc<Self>, client: Client) {
-        let mut delay = Duration::from_millis(100);
-        let mut last_id = String::from("0-0");
-        loop {
-            match self.read(&client, &mut last_id).await {
-                Ok(()) => delay = Duration::from_millis(100),
-                Err(err) => {
-                    if self.ready.swap(false, Ordering::Relaxed) {
-                        warn!(error = %err, "Redis disconnected; reconnecting");
-                    } else {
-                        debug!(error = %err, retry_in = ?delay, "Redis not reachable");
-                    }
+    fn writer(&self) -> Option<Connection> {
+        self.writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_writer(&self, connection: Option<Connection>) {
+        *self.writer.lock().unwrap_or_else(PoisonError::into_inner) = connection;
+    }
+
+    fn known_epoch(&self) -> Option<String> {
+        self.epoch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A new connection, answering: open, authenticated (a wrong or missing password fails
+    /// here, not at the first write), within `CONNECT_TIMEOUT` plus one ping.
+    async fn open(
+        &self,
+        client: &Client,
+        response_timeout: Duration,
+    ) -> Result<Connection, redis::RedisError> {
+        let opened = async {
+            let mut connection = match client {
+                Client::Single(client) => Connection::Single(
+                    client
+                        .get_multiplexed_async_connection_with_config(
+                            &AsyncConnectionConfig::new()
+                                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                                .set_response_timeout(Some(response_timeout)),
+                        )
+                        .await?,
+                ),
+                Client::Cluster(client) => {
+                    let mut connection = client.get_async_connection().await?;
+                    let slot: u16 = redis::cmd("CLUSTER")
+                        .arg("KEYSLOT")
+                        .arg(LATEST_KEY)
+                        .query_async(&mut connection)
+                        .await?;
+                    Connection::Cluster(connection, slot)
                 }
+            };
+            connection.ping().await?;
+            Ok(connection)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT + HEALTH_TIMEOUT, opened)
+            .await
+            .unwrap_or_else(|_| Err(timed_out("connecting to Redis")))
+    }
+
+    /// Keeps one healthy connection for writes for the life of the process: opens it,
+    /// pings it, and replaces it when a ping (or a write) gets no answer in time.
+    async fn keep_writer(self: Arc<Self>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut log = FailureLog::new("redis writer");
+        let mut opened_before = false;
+        loop {
+            let mut connection = match self.open(&self.writer_client, self.settings.timeout).await {
+                Ok(connection) => connection,
+                Err(err) => {
+                    self.metrics.broker_error(BrokerOp::Connect);
+                    let delay = backoff.next_delay();
+                    log.failed(&err, Some(delay));
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
+            log.recovered();
+            backoff.connected();
+            if std::mem::replace(&mut opened_before, true) {
+                self.metrics.broker_reconnected();
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            self.set_writer(Some(connection.clone()));
+            let err = loop {
+                tokio::select! {
+                    () = tokio::time::sleep(HEALTH_EVERY) => {}
+                    () = self.writer_suspect.notified() => {}
+                }
+                match tokio::time::timeout(HEALTH_TIMEOUT, connection.ping()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => break err,
+                    Err(_) => break timed_out("no answer to PING in time"),
+                }
+            };
+            // Writes answer 503 until a new connection is up; connections of the same
+            // kind that waited for replicas likely died the same way.
+            self.set_writer(None);
+            self.waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+            self.metrics.broker_error(BrokerOp::Connect);
+            log.failed(&err, None);
         }
     }
 
-    /// Connects, loads every environment's newest timestamp, then follows the stream from
-    /// the last id seen (or from where the stream stood before loading, the first time)
-    /// until the connection fails.
-    async fn read(&self, client: &Client, last_id: &mut String) -> redis::RedisResult<()> {
-        let mut connection = match client {
-            Client::Single(client) => Connection::Reader(
-                client
-                    .get_multiplexed_async_connection_with_config(
-                        &AsyncConnectionConfig::new()
-                            .set_connection_timeout(Some(Duration::from_secs(2)))
-                            .set_response_timeout(Some(READ_RESPONSE_TIMEOUT)),
-                    )
-                    .await?,
-            ),
-            Client::Cluster(client) => {
-                let (connection, slot) = cluster_connection(client).await?;
-                Connection::Cluster(connection, slot)
+    /// Keeps one reader for the life of the process, reconnecting with a backoff.
+    async fn run_reader(self: Arc<Self>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut log = FailureLog::new("redis reader");
+        let mut last_id = String::from("0-0");
+        let mut opened_before = false;
+        loop {
+            let mut connection = match self.open(&self.reader_client, READ_RESPONSE_TIMEOUT).await {
+                Ok(connection) => connection,
+                Err(err) => {
+                    self.metrics.broker_error(BrokerOp::Connect);
+                    let delay = backoff.next_delay();
+                    log.failed(&err, Some(delay));
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
+            log.recovered();
+            backoff.connected();
+            if std::mem::replace(&mut opened_before, true) {
+                self.metrics.broker_reconnected();
             }
-        };
+            self.reader_up.store(true, Ordering::Relaxed);
+            let err = match self.read(&mut connection, &mut last_id).await {
+                Err(err) => err,
+                // The epoch moved under an open connection: start over on a fresh one.
+                Ok(()) => continue,
+            };
+            self.reader_up.store(false, Ordering::Relaxed);
+            if self.caught_up.swap(false, Ordering::Relaxed) {
+                warn!(error = %err, "Redis reader disconnected; reconnecting");
+            }
+            self.metrics.broker_error(BrokerOp::Read);
+            let delay = backoff.next_delay();
+            log.failed(&err, Some(delay));
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Checks the epoch (storing back what this instance holds if Redis lost its data),
+    /// loads every environment's newest timestamp, then follows the stream from the last
+    /// id seen (or from where the stream stood before loading, the first time) until the
+    /// connection fails (`Err`) or the epoch changes (`Ok`).
+    async fn read(&self, connection: &mut Connection, last_id: &mut String) -> RedisResult<()> {
+        let epoch = self.check_epoch(connection).await?;
         // Where the stream stands before loading the hash: every write after the load is
         // read from here on, so nothing falls between the two.
-        let newest: Value = redis::cmd("XREVRANGE")
-            .arg(STREAM_KEY)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut connection)
-            .await?;
+        let newest: Value = bounded(
+            redis::cmd("XREVRANGE")
+                .arg(STREAM_KEY)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(connection),
+        )
+        .await?;
         let stream_at = stream_entries(&newest).into_iter().next().map(|e| e.id);
-        let held: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(LATEST_KEY)
-            .query_async(&mut connection)
-            .await?;
+        let held: Vec<(String, String)> = bounded(
+            redis::cmd("HGETALL")
+                .arg(LATEST_KEY)
+                .query_async(connection),
+        )
+        .await?;
+        let mut environments = 0;
         for (key, value) in &held {
             if let (Some(key), Some((timestamp, stored_at))) =
                 (validate_key(key).ok(), parse_held(value))
             {
                 self.apply(key, timestamp, stored_at, 0);
+                environments += 1;
             }
         }
         // A Redis that came back without our stream restarts ids from scratch: follow the
@@ -230,27 +449,31 @@ impl RedisBroker {
         if last_id == "0-0" || stream_at.as_deref().is_none_or(|at| !id_after(at, last_id)) {
             *last_id = stream_at.unwrap_or_else(|| "0-0".to_owned());
         }
-        if !self.ready.swap(true, Ordering::Relaxed) {
-            info!(environments = held.len(), "Redis connected; caught up");
+        if !self.caught_up.swap(true, Ordering::Relaxed) {
+            info!(environments, "Redis connected; caught up");
         }
+        let mut epoch_checked = Instant::now();
+        let mut pruned = Instant::now();
         loop {
             let mut xread = redis::cmd("XREAD");
             xread
                 .arg("COUNT")
                 .arg(1000)
                 .arg("BLOCK")
-                .arg(READ_BLOCK_MS)
+                .arg(u64::try_from(READ_BLOCK.as_millis()).unwrap_or(u64::MAX))
                 .arg("STREAMS")
                 .arg(STREAM_KEY)
                 .arg(last_id.as_str());
-            let read = xread.query_async::<Value>(&mut connection);
             // No answer within the block time and a margin means a connection that died
             // quietly: connect afresh rather than wait on it.
-            let reply = tokio::time::timeout(READ_RESPONSE_TIMEOUT, read)
-                .await
-                .map_err(|_| {
-                    redis::RedisError::from((redis::ErrorKind::Io, "no answer to XREAD in time"))
-                })??;
+            let reply = tokio::select! {
+                reply = tokio::time::timeout(READ_RESPONSE_TIMEOUT, xread.query_async::<Value>(connection)) => {
+                    reply.map_err(|_| timed_out("no answer to XREAD in time"))??
+                }
+                // A write found another epoch. The blocked XREAD is abandoned with its
+                // connection, which the caller replaces.
+                () = self.epoch_changed.notified() => return Ok(()),
+            };
             for entry in stream_entries(&reply) {
                 if let (Some(key), Some(micros)) = (
                     entry.field("k").and_then(|k| validate_key(k).ok()),
@@ -260,10 +483,109 @@ impl RedisBroker {
                     let stored_at = UNIX_EPOCH + Duration::from_millis(entry.millis());
                     self.apply(key, timestamp, stored_at, entry.sequence());
                 } else {
+                    self.metrics.broker_error(BrokerOp::Read);
                     warn!(id = %entry.id, "unreadable entry in the Redis stream ignored");
                 }
                 *last_id = entry.id;
             }
+            if epoch_checked.elapsed() >= EPOCH_CHECK_EVERY {
+                epoch_checked = Instant::now();
+                let now: String = bounded(
+                    self.epoch_script
+                        .key(LATEST_KEY)
+                        .arg(new_epoch())
+                        .invoke_async(connection),
+                )
+                .await?;
+                if now != epoch {
+                    return Ok(());
+                }
+            }
+            // A short retention (tests, small installs) is pruned at its own pace.
+            if pruned.elapsed() >= PRUNE_EVERY.min(self.hub.retention()) {
+                pruned = Instant::now();
+                if let Err(err) = self.prune(connection).await {
+                    debug!(error = %err, "pruning old environments failed; trying again later");
+                }
+            }
+        }
+    }
+
+    /// The epoch Redis holds (set now if missing). If it is not the one this instance
+    /// caught up with, Redis lost its data since: store back what this instance holds.
+    async fn check_epoch(&self, connection: &mut Connection) -> RedisResult<String> {
+        let epoch: String = bounded(
+            self.epoch_script
+                .key(LATEST_KEY)
+                .arg(new_epoch())
+                .invoke_async(connection),
+        )
+        .await?;
+        match self.known_epoch() {
+            Some(known) if known != epoch => {
+                let held = self.hub.snapshot(SystemTime::now());
+                warn!(
+                    environments = held.len(),
+                    "Redis lost its data (its epoch changed); storing back the newest update this instance holds per environment"
+                );
+                for (key, update) in held {
+                    let stored_ms = update
+                        .stored_at
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis());
+                    let restored: RedisResult<(i64, String, String)> = bounded(
+                        self.store_invocation(&key, update.timestamp, Some(stored_ms), false)
+                            .invoke_async(connection),
+                    )
+                    .await;
+                    if let Err(err) = restored {
+                        self.metrics.broker_error(BrokerOp::Restore);
+                        return Err(err);
+                    }
+                }
+            }
+            _ => {}
+        }
+        *self.epoch.lock().unwrap_or_else(PoisonError::into_inner) = Some(epoch.clone());
+        Ok(epoch)
+    }
+
+    /// Deletes hash entries older than the retention, so that the hash does not grow with
+    /// every environment ever updated.
+    async fn prune(&self, connection: &mut Connection) -> RedisResult<()> {
+        let retention = self.hub.retention();
+        let now = SystemTime::now();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, page): (u64, Vec<(String, String)>) = bounded(
+                redis::cmd("HSCAN")
+                    .arg(LATEST_KEY)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(500)
+                    .query_async(connection),
+            )
+            .await?;
+            let mut prune = self.prune_script.key(LATEST_KEY);
+            let mut stale = 0;
+            for (field, value) in &page {
+                if let Some((_, stored_at)) = parse_held(value)
+                    && now
+                        .duration_since(stored_at)
+                        .is_ok_and(|age| age > retention)
+                {
+                    prune.arg(field).arg(value);
+                    stale += 1;
+                }
+            }
+            if stale > 0 {
+                let removed: u64 = bounded(prune.invoke_async(connection)).await?;
+                debug!(removed, "pruned environments older than the retention");
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
         }
     }
 
@@ -279,133 +601,146 @@ impl RedisBroker {
         debug!(key, %timestamp, moved, "update received");
     }
 
-    async fn store(&self, key: &str, timestamp: Timestamp) -> Result<Published, PublishError> {
-        if !self.is_connected() {
-            return Err(PublishError::NotConnected);
-        }
-        if let Some(answer) = already_current(&self.hub, key, timestamp) {
-            return Ok(answer);
-        }
-        let Some(mut connection) = self.writer.get() else {
-            return Err(PublishError::NotConnected);
-        };
-        let mut invocation = self.script.key(LATEST_KEY);
+    fn store_invocation(
+        &self,
+        key: &str,
+        timestamp: Timestamp,
+        stored_ms: Option<u128>,
+        rewrite_held: bool,
+    ) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.store_script.key(LATEST_KEY);
         invocation
             .key(STREAM_KEY)
             .arg(key)
             .arg(timestamp.micros())
-            .arg(STREAM_MAX_LEN);
-        let reply: (i64, String) = tokio::time::timeout(
-            self.settings.timeout,
-            invocation.invoke_async(&mut connection),
+            .arg(STREAM_MAX_LEN)
+            .arg(stored_ms.map_or_else(String::new, |ms| ms.to_string()))
+            .arg(new_epoch())
+            .arg(if rewrite_held { "1" } else { "0" });
+        invocation
+    }
+
+    async fn store(&self, key: &str, timestamp: Timestamp) -> Result<Published, PublishError> {
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let waiting = self.settings.wait_replicas > 0;
+        // Answering a retry from memory would skip the wait for replicas, and the write it
+        // repeats may not have reached them yet.
+        if !waiting && let Some(answer) = already_current(&self.hub, key, timestamp) {
+            return Ok(answer);
+        }
+        let mut connection = if waiting {
+            self.waiter(deadline).await?
+        } else {
+            self.writer().ok_or(PublishError::NotConnected)?
+        };
+        let reply: (i64, String, String) = match tokio::time::timeout_at(
+            deadline,
+            self.store_invocation(key, timestamp, None, waiting)
+                .invoke_async(&mut connection),
         )
         .await
-        .map_err(|elapsed| PublishError::Store(boxed(elapsed)))?
-        .map_err(|e| PublishError::Store(boxed(e)))?;
-        match reply {
-            (1, id) => {
-                self.wait_for_replicas(&mut connection).await?;
-                let entry = StreamEntry {
-                    id,
-                    fields: Vec::new(),
-                };
-                let sequence = entry.sequence();
-                // Local subscribers need not wait for the reader's copy.
-                self.apply(key, timestamp, SystemTime::now(), sequence);
-                Ok(Published::Stored { sequence })
+        {
+            Ok(Ok(reply)) => reply,
+            failed => {
+                self.metrics.broker_error(BrokerOp::Publish);
+                self.writer_suspect.notify_one();
+                return Err(PublishError::Store(match failed {
+                    Ok(Err(err)) => boxed(err),
+                    _ => boxed(timed_out("Redis did not take the write in time")),
+                }));
             }
-            (_, held) => {
-                let (current, _) = parse_held(&held).ok_or_else(|| {
-                    PublishError::StoredUnreadable(crate::timestamp::TimestampError::Number)
-                })?;
-                Ok(if current == timestamp {
-                    Published::Duplicate { sequence: 0 }
-                } else {
-                    Published::AlreadyCurrent { current }
-                })
-            }
+        };
+        let (status, value, epoch) = reply;
+        if self.known_epoch().is_some_and(|known| known != epoch) {
+            self.epoch_changed.notify_one();
         }
+        if waiting {
+            self.wait_for_replicas(&mut connection, deadline).await?;
+            self.waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(connection);
+            self.waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .truncate(MAX_IDLE_WAITERS);
+        }
+        if status == 1 {
+            let entry = StreamEntry {
+                id: value,
+                fields: Vec::new(),
+            };
+            let sequence = entry.sequence();
+            // Local subscribers need not wait for the reader's copy.
+            self.apply(key, timestamp, SystemTime::now(), sequence);
+            return Ok(Published::Stored { sequence });
+        }
+        let (current, _) = parse_held(&value).ok_or_else(|| {
+            PublishError::StoredUnreadable(crate::timestamp::TimestampError::Number)
+        })?;
+        Ok(if current == timestamp {
+            Published::Duplicate { sequence: 0 }
+        } else {
+            Published::AlreadyCurrent { current }
+        })
     }
-}
 
-/// The connection writes go through. A cluster's is opened in the background, so that a
-/// cluster that is down at start-up delays readiness, not the start; once open, it follows
-/// failovers by itself.
-struct Writer {
-    client: Client,
-    current: Mutex<Option<Connection>>,
-}
-
-impl Writer {
-    fn get(&self) -> Option<Connection> {
-        self.current
+    /// A connection for a write that waits for replicas: an idle one, or a new one.
+    async fn waiter(&self, deadline: tokio::time::Instant) -> Result<Connection, PublishError> {
+        if self.writer().is_none() {
+            return Err(PublishError::NotConnected);
+        }
+        let idle = self
+            .waiters
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    fn replace(&self, connection: Connection) {
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection);
-    }
-
-    /// Opens the cluster connection in the background, retrying until it is open.
-    fn connect_cluster(self: &Arc<Self>) {
-        let Client::Cluster(client) = &self.client else {
-            return;
-        };
-        let (writer, client) = (self.clone(), client.clone());
-        tokio::spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                match cluster_connection(&client).await {
-                    Ok((connection, slot)) => {
-                        writer.replace(Connection::Cluster(connection, slot));
-                        break;
-                    }
-                    Err(err) => {
-                        warn!(error = %err, retry_in = ?delay, "Redis Cluster not reachable");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        });
-    }
-}
-
-impl RedisBroker {
-    /// With `wait_replicas`, holds the answer until that many replicas have the write, so
-    /// that a failover cannot lose an acknowledged update. Not enough in time: 503 (the
-    /// write stays; a retry is answered from what is stored).
-    async fn wait_for_replicas(&self, connection: &mut Connection) -> Result<(), PublishError> {
-        let wanted = self.settings.wait_replicas;
-        if wanted == 0 {
-            return Ok(());
+            .pop();
+        if let Some(connection) = idle {
+            return Ok(connection);
         }
-        // A third of the write timeout: replicas take a write in milliseconds, and the
-        // whole answer must stay under the 2 s after which Flagsmith's API gives up.
+        match tokio::time::timeout_at(
+            deadline,
+            self.open(&self.writer_client, self.settings.timeout),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(err)) => {
+                self.metrics.broker_error(BrokerOp::Connect);
+                Err(PublishError::Store(boxed(err)))
+            }
+            Err(elapsed) => Err(PublishError::Store(boxed(elapsed))),
+        }
+    }
+
+    /// Holds the answer until `wait_replicas` replicas have the write (or, for a retried
+    /// write, what is held), so that a failover cannot lose an acknowledged update. Not
+    /// enough by the deadline: 503 (the write stays; a retry waits again).
+    async fn wait_for_replicas(
+        &self,
+        connection: &mut Connection,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PublishError> {
+        let wanted = self.settings.wait_replicas;
+        // Redis answers WAIT by its own timeout; leave a margin for the answer to travel.
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .saturating_sub(Duration::from_millis(100));
         let mut wait = redis::cmd("WAIT");
         wait.arg(wanted)
-            .arg(u64::try_from(self.settings.timeout.as_millis() / 3).unwrap_or(u64::MAX));
-        let acknowledged = match connection {
-            // WAIT names no key: send it to the primary that took the write.
-            Connection::Cluster(cluster, slot) => {
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::new(*slot, SlotAddr::Master),
-                ));
-                let value = cluster
-                    .route_command(wait, route)
-                    .await
-                    .map_err(|e| PublishError::Store(boxed(e)))?;
-                redis::from_redis_value::<u32>(value).map_err(|e| PublishError::Store(boxed(e)))?
-            }
-            other => wait
-                .query_async::<u32>(other)
-                .await
-                .map_err(|e| PublishError::Store(boxed(e)))?,
+            .arg(u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1));
+        let failed = |err: BoxedErr| {
+            self.metrics.broker_error(BrokerOp::Wait);
+            PublishError::Store(err)
         };
+        let acknowledged: u32 =
+            match tokio::time::timeout_at(deadline, connection.on_our_primary(wait)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(err)) => return Err(failed(boxed(err))),
+                Err(elapsed) => return Err(failed(boxed(elapsed))),
+            };
         if acknowledged < wanted {
-            return Err(PublishError::Store(
+            return Err(failed(
                 format!("{acknowledged} of {wanted} replicas took the write in time").into(),
             ));
         }
@@ -413,17 +748,25 @@ impl RedisBroker {
     }
 }
 
-/// A connection to the cluster, and the slot our keys hash to.
-async fn cluster_connection(
-    client: &ClusterClient,
-) -> redis::RedisResult<(ClusterConnection, u16)> {
-    let mut connection = client.get_async_connection().await?;
-    let slot: u16 = redis::cmd("CLUSTER")
-        .arg("KEYSLOT")
-        .arg(LATEST_KEY)
-        .query_async(&mut connection)
-        .await?;
-    Ok((connection, slot))
+type BoxedErr = super::BoxError;
+
+/// A Redis command bounded by the reader's response timeout.
+async fn bounded<T>(command: impl std::future::Future<Output = RedisResult<T>>) -> RedisResult<T> {
+    tokio::time::timeout(READ_RESPONSE_TIMEOUT, command)
+        .await
+        .unwrap_or_else(|_| Err(timed_out("no answer from Redis in time")))
+}
+
+fn timed_out(what: &'static str) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+}
+
+/// A value no other instance or restart will draw: the epoch of a hash found without one.
+fn new_epoch() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{:x}", std::process::id())
 }
 
 impl Broker for RedisBroker {
@@ -436,36 +779,68 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.is_connected() && self.caught_up.load(Ordering::Relaxed)
     }
 
-    /// The reader's connection stands for the instance's: it is the one that notices a
-    /// Redis going away (its blocking read fails within seconds).
+    /// Both connections are up: the writer's (pinged every 2 s) and the reader's.
     fn is_connected(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.reader_up.load(Ordering::Relaxed) && self.writer().is_some()
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
     }
 }
 
+/// TCP settings of every Redis connection: keepalive probes and `TCP_USER_TIMEOUT` let the
+/// kernel notice a peer that vanished on a real network, beneath the pings above.
+fn tcp_settings() -> TcpSettings {
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(
+            socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(10))
+                .with_interval(Duration::from_secs(2))
+                .with_retries(3),
+        )
+        .set_user_timeout(Duration::from_secs(10))
+}
+
 fn client(settings: &RedisSettings, response_timeout: Duration) -> Result<Client, BrokerError> {
+    let target = &settings.target;
     let bad = |reason: redis::RedisError| BrokerError::BadUrl {
-        url: settings
-            .urls
-            .iter()
-            .map(|u| redact(u))
-            .collect::<Vec<_>>()
-            .join(","),
+        url: redact(&target.urls.join(",")),
         reason: boxed(reason),
     };
     if settings.cluster {
-        ClusterClient::builder(settings.urls.clone())
-            .connection_timeout(Duration::from_secs(2))
+        let mut builder = ClusterClient::builder(target.urls.clone())
+            .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(response_timeout)
+            .tcp_settings(tcp_settings());
+        if let Some(username) = &target.username {
+            builder = builder.username(username);
+        }
+        if let Some(password) = &target.password {
+            builder = builder.password(password);
+        }
+        builder
             .build()
             .map(|client| Client::Cluster(Box::new(client)))
             .map_err(bad)
     } else {
-        let url = settings.urls.first().map(String::as_str).unwrap_or("");
-        redis::Client::open(url)
+        let url = target.urls.first().map(String::as_str).unwrap_or("");
+        let mut info = url.into_connection_info().map_err(bad)?;
+        let mut login = info.redis_settings().clone();
+        if let Some(username) = &target.username {
+            login = login.set_username(username);
+        }
+        if let Some(password) = &target.password {
+            login = login.set_password(password);
+        }
+        info = info
+            .set_redis_settings(login)
+            .set_tcp_settings(tcp_settings());
+        redis::Client::open(info)
             .map(|client| Client::Single(Box::new(client)))
             .map_err(bad)
     }

@@ -44,6 +44,10 @@ impl Broker for FakeBroker {
     fn is_connected(&self) -> bool {
         !self.down.load(Ordering::Relaxed)
     }
+
+    fn name(&self) -> &'static str {
+        "fake"
+    }
 }
 
 fn settings() -> Settings {

@@ -16,9 +16,14 @@ fn python_cases() -> impl Iterator<Item = (&'static str, i64, &'static str)> {
         })
 }
 
+/// Parsing gives Python's microseconds, and `as_secs_f64` Python's `datetime.timestamp()`
+/// bit for bit (the value of the API's `X-Flagsmith-Document-Updated-At` header). What SDKs
+/// are sent is no longer that float (issue 14): the largest float not above the exact time,
+/// which is Python's where Python's is not above it, and the float just below otherwise.
 #[test]
-fn iso_strings_match_python_bit_for_bit() {
+fn iso_strings_parse_as_python_does_and_render_not_after_the_exact_time() {
     let mut count = 0;
+    let mut stepped_down = 0;
     for (input, micros, repr) in python_cases() {
         let ts = parse_iso8601(input).unwrap_or_else(|e| panic!("{input}: {e}"));
         assert_eq!(ts.micros(), micros, "{input}");
@@ -26,22 +31,36 @@ fn iso_strings_match_python_bit_for_bit() {
         assert_eq!(ts.as_secs_f64().to_bits(), python.to_bits(), "{input}");
         let rendered = ts.to_string();
         assert!(
-            rendered.contains('.'),
-            "{input}: {rendered} lacks a decimal point"
+            rendered.contains('.') && !rendered.contains('e'),
+            "{input}: {rendered} is not a plain decimal"
         );
+        let sent: f64 = rendered.parse().expect("rendered");
+        assert_eq!(sent, ts.as_secs_f64_not_after(), "{input}: {rendered}");
         assert_eq!(
-            rendered.parse::<f64>().expect("rendered").to_bits(),
-            python.to_bits(),
+            parse_decimal_seconds(&rendered),
+            Ok(ts),
             "{input}: {rendered}"
         );
-        // Python switches to exponent notation below 1e-4; we never do (Flutter wants a
-        // plain decimal), so compare the text only where Python prints a plain decimal.
-        if !repr.contains('e') {
-            assert_eq!(rendered, repr, "{input}");
+        if exceeds(python, micros) {
+            // Python's float is above the exact time: the float just below is sent.
+            assert_eq!(sent.to_bits(), python.to_bits() - 1, "{input}: {rendered}");
+            stepped_down += 1;
+        } else {
+            assert_eq!(sent.to_bits(), python.to_bits(), "{input}: {rendered}");
+            // Python switches to exponent notation below 1e-4; we never do (Flutter wants
+            // a plain decimal), so compare the text only where Python prints one.
+            if !repr.contains('e') {
+                assert_eq!(rendered, repr, "{input}");
+            }
         }
         count += 1;
     }
     assert!(count > 300, "only {count} cases read");
+    // Both kinds occur among CPython's cases, so both branches were checked.
+    assert!(
+        stepped_down > 50 && stepped_down < count - 50,
+        "{stepped_down} of {count}"
+    );
 }
 
 #[test]
@@ -145,16 +164,19 @@ fn render_always_has_a_decimal_point() {
         (0, "0.0"),
         (1, "0.000001"),
         (123_000_000, "123.0"),
+        // 1735229888.76 as a float is 1735229888.7599999904...: below, sent as it is.
         (1_735_229_888_760_000, "1735229888.76"),
-        (1_752_500_983_123_456, "1752500983.123456"),
+        // 1752500983.123456 as a float is 1752500983.1234560013...: above the exact time,
+        // so the float below (…1234557629) is sent, in its shortest text.
+        (1_752_500_983_123_456, "1752500983.1234558"),
+        // From 2038 floats are 2^-21 s apart: the float below's shortest text
+        // (2147483648.0000405) would read back as 2147483648000040 µs, one too few.
+        // 2147483648.0000407 lies in that float's rounding interval and reads back right.
+        (2_147_483_648_000_041, "2147483648.0000407"),
         (MAX_MICROS, "9007199254.740992"),
     ] {
-        assert_eq!(
-            Timestamp::from_micros(micros)
-                .expect("in range")
-                .to_string(),
-            want
-        );
+        let ts = Timestamp::from_micros(micros).expect("in range");
+        assert_eq!(ts.to_string(), want, "{micros}");
     }
 }
 
@@ -179,6 +201,8 @@ mod properties {
 
     /// Up to 2100: there `micros / 1e6` still tells every microsecond apart.
     const YEAR_2100: i64 = 4_102_444_800_000_000;
+    /// 2^33 s, in 2242.
+    const YEAR_2242: i64 = (1 << 33) * 1_000_000;
 
     proptest! {
         #[test]
@@ -221,12 +245,17 @@ mod properties {
             prop_assert_eq!(parse_iso8601(&text).map(Timestamp::micros), Ok(expected), "{}", text);
         }
 
+        /// Stored updates are read back from their rendering: it must give the same
+        /// microseconds, up to 2242 (from 2^33 s floats are 2 µs apart).
         #[test]
-        fn rendering_then_parsing_gives_the_same_instant(micros in 0i64..YEAR_2100) {
+        fn rendering_then_parsing_gives_the_same_instant(micros in 0i64..YEAR_2242) {
             let ts = Timestamp::from_micros(micros).expect("in range");
             let text = ts.to_string();
-            prop_assert!(text.contains('.'));
+            prop_assert!(text.contains('.') && !text.contains('e'));
             prop_assert_eq!(parse_decimal_seconds(&text), Ok(ts), "{}", text);
+            let sent: f64 = text.parse().expect("a number");
+            prop_assert_eq!(sent, ts.as_secs_f64_not_after(), "{}", text);
+            prop_assert!(!exceeds(sent, micros), "{} is after {} µs", text, micros);
         }
 
         #[test]

@@ -331,7 +331,8 @@ pub struct Sse {
     pub status: u16,
     pub headers: http::HeaderMap,
     pub version: http::Version,
-    blocks: mpsc::UnboundedReceiver<String>,
+    /// Blocks in order; an `Err` last when the stream did not end cleanly.
+    blocks: mpsc::UnboundedReceiver<Result<String, String>>,
     _keep: Box<dyn std::any::Any + Send>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -398,14 +399,31 @@ impl Sse {
         let (tx, blocks) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
             let mut buffer = String::new();
-            while let Some(Ok(frame)) = body.frame().await {
-                if let Ok(data) = frame.into_data() {
-                    buffer.push_str(&String::from_utf8_lossy(&data));
-                    while let Some(end) = buffer.find("\n\n") {
-                        let block: String = buffer.drain(..end + 2).collect();
-                        if tx.send(block).is_err() {
-                            return;
+            loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            buffer.push_str(&String::from_utf8_lossy(&data));
+                            while let Some(end) = buffer.find("\n\n") {
+                                let block: String = buffer.drain(..end + 2).collect();
+                                if tx.send(Ok(block)).is_err() {
+                                    return;
+                                }
+                            }
                         }
+                    }
+                    // A reset (HTTP/2 RST_STREAM, a connection closed under the stream) or
+                    // an HTTP/1.1 body cut before its chunked terminator.
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(format!("{e:?}")));
+                        return;
+                    }
+                    // END_STREAM, or the chunked terminator: clean only after a whole event.
+                    None => {
+                        if !buffer.is_empty() {
+                            let _ = tx.send(Err(format!("ended mid-event: {buffer:?}")));
+                        }
+                        return;
                     }
                 }
             }
@@ -424,7 +442,8 @@ impl Sse {
     /// or nothing at all.
     pub async fn next(&mut self, within: Duration) -> Next {
         match tokio::time::timeout(within, self.blocks.recv()).await {
-            Ok(Some(block)) => Next::Block(block),
+            Ok(Some(Ok(block))) => Next::Block(block),
+            Ok(Some(Err(reason))) => Next::Reset(reason),
             Ok(None) => Next::Ended,
             Err(_) => Next::Quiet,
         }
@@ -435,7 +454,7 @@ impl Sse {
     pub async fn next_block(&mut self, within: Duration) -> Option<String> {
         match self.next(within).await {
             Next::Block(block) => Some(block),
-            Next::Ended | Next::Quiet => None,
+            Next::Ended | Next::Reset(_) | Next::Quiet => None,
         }
     }
 
@@ -447,7 +466,24 @@ impl Sse {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next(left).await {
                 Next::Block(_) => {}
-                Next::Ended => return,
+                Next::Ended | Next::Reset(_) => return,
+                Next::Quiet => panic!("the stream did not end within {within:?}"),
+            }
+        }
+    }
+
+    /// Like `expect_end`, and the end must be clean: END_STREAM (HTTP/2) or the chunked
+    /// terminator (HTTP/1.1) after a whole event, not a reset or a cut. Returns the blocks
+    /// that came before it.
+    pub async fn expect_clean_end(&mut self, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut blocks = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Next::Block(block) => blocks.push(block),
+                Next::Ended => return blocks,
+                Next::Reset(reason) => panic!("the stream ended uncleanly: {reason}"),
                 Next::Quiet => panic!("the stream did not end within {within:?}"),
             }
         }
@@ -498,8 +534,10 @@ impl Sse {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
     Block(String),
-    /// The response body ended (or the connection closed).
+    /// The response body ended cleanly, after a whole block.
     Ended,
+    /// The body ended uncleanly: a reset, or cut mid-event or before its terminator.
+    Reset(String),
     /// Nothing came in the time given; the stream is still open.
     Quiet,
 }
@@ -727,6 +765,8 @@ pub struct Redis {
     extra_args: Vec<String>,
     /// Serving TLS only, with this certificate (PEM, also its own CA).
     tls_cert: Option<PathBuf>,
+    /// The ACL user (None: the default user) and password every client must give.
+    auth: Option<(Option<String>, String)>,
 }
 
 impl Redis {
@@ -744,7 +784,30 @@ impl Redis {
         Self::start_configured(&[], true)
     }
 
+    /// A server that requires `password` (`requirepass`), or, with `user`, an ACL user of
+    /// that name and password (the default user switched off); over TLS if `tls`.
+    pub fn start_with_auth(user: Option<&str>, password: &str, tls: bool) -> Self {
+        Self::start_auth(user, password, tls, &[])
+    }
+
+    pub fn start_auth(user: Option<&str>, password: &str, tls: bool, extra: &[&str]) -> Self {
+        let rule = format!(">{password}");
+        let mut args: Vec<&str> = match user {
+            None => vec!["--requirepass", password, "--masterauth", password],
+            Some(name) => vec![
+                "--user", "default", "off", "--user", name, "on", &rule, "~*", "&*", "+@all",
+            ],
+        };
+        args.extend_from_slice(extra);
+        let auth = Some((user.map(str::to_owned), password.to_owned()));
+        Self::start_full(&args, tls, auth)
+    }
+
     fn start_configured(extra: &[&str], tls: bool) -> Self {
+        Self::start_full(extra, tls, None)
+    }
+
+    fn start_full(extra: &[&str], tls: bool, auth: Option<(Option<String>, String)>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut extra_args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut tls_cert = None;
@@ -771,6 +834,7 @@ impl Redis {
             port: 0,
             extra_args,
             tls_cert,
+            auth,
         };
         // A port found free can be taken before redis-server binds it: try a few.
         for _ in 0..5 {
@@ -829,12 +893,8 @@ impl Redis {
 
     fn ping(&self) -> bool {
         use std::io::{Read, Write};
-        if self.tls_cert.is_some() {
+        if self.tls_cert.is_some() || self.auth.is_some() {
             return self.cli(&["PING"]).trim() == "PONG";
-        }
-        if self.extra_args.iter().any(|a| a == "--requirepass") {
-            // Answers NOAUTH, which says it is up.
-            return self.cli(&["PING"]).contains("NOAUTH");
         }
         let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
@@ -870,6 +930,10 @@ impl Redis {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Starts it again on the same port with the same data.
@@ -914,11 +978,16 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with_password(None)
+    }
+
+    /// A cluster whose every node requires `password` (and uses it towards its primary).
+    pub fn start_with_password(password: Option<&str>) -> Self {
         let nodes: Vec<Redis> = (0..6)
             .map(|_| {
                 // The cluster bus port is chosen too: port + 10000 may not exist.
                 let bus = free_port().to_string();
-                Redis::start_with(&[
+                let args = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -931,14 +1000,22 @@ impl RedisCluster {
                     "0",
                     "--cluster-port",
                     &bus,
-                ])
+                ];
+                match password {
+                    Some(password) => Redis::start_auth(None, password, false, &args),
+                    None => Redis::start_with(&args),
+                }
             })
             .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(password) = password {
+            create.env("REDISCLI_AUTH", password);
+        }
+        let out = create
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -1015,7 +1092,94 @@ impl Redis {
         if let Some(cert) = &self.tls_cert {
             command.arg("--tls").arg("--cacert").arg(cert);
         }
+        if let Some((user, password)) = &self.auth {
+            if let Some(user) = user {
+                command.args(["--user", user]);
+            }
+            // From the environment, so that no shell or argument parsing touches it.
+            command.env("REDISCLI_AUTH", password);
+        }
         let out = command.args(args).output().expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// A TCP proxy in front of a broker that can, on command, silence every connection open at
+/// that moment: nothing forwarded either way and nothing closed (no FIN, no RST), as when
+/// the peer's host dies or a NAT forgets the flow. Connections made afterwards work.
+pub struct Proxy {
+    pub port: u16,
+    silence: tokio::sync::watch::Sender<u64>,
+    /// Silenced connections, kept open until the proxy is dropped.
+    held: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts forwarding 127.0.0.1:<port> to 127.0.0.1:`target`.
+    pub async fn start(target: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy listen");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (silence, silenced) = tokio::sync::watch::channel(0u64);
+        let held: Arc<Mutex<Vec<(TcpStream, TcpStream)>>> = Arc::default();
+        let keep = held.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let mut silenced = silenced.clone();
+                silenced.borrow_and_update();
+                let keep = keep.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = silenced.changed() => {
+                            keep.lock().expect("held").push((client, upstream));
+                        }
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            silence,
+            held,
+            accept,
+        }
+    }
+
+    /// Every connection open now stops forwarding, and stays open.
+    pub fn silence(&self) {
+        self.silence.send_modify(|n| *n += 1);
+    }
+
+    /// Connections currently held silent.
+    pub fn silenced(&self) -> usize {
+        self.held.lock().expect("held").len()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Runs the service with `env` (nothing else) and `args`, expecting it to exit by itself
+/// (a refused start, `--help`); its status and everything it printed.
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"))
+        .args(args)
+        .env_clear()
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run flagsmith-sse");
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status, text)
 }
