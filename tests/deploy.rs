@@ -710,8 +710,31 @@ async fn promtool_accepts_the_metrics_the_rules_and_the_config() {
         .replace("/etc/prometheus/alerts.yml", &rules.display().to_string());
     let config_path = dir.path().join("prometheus.yml");
     std::fs::write(&config_path, config).expect("config");
+    // The dashboard's queries, with its variables as Grafana expands "All", as recording
+    // rules: promtool parses every one.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&file("deploy/grafana/flagsmith-sse.json")).expect("dashboard JSON");
+    let mut recorded = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$job", ".+")
+                .replace("$instance", ".+");
+            recorded.push_str(&format!(
+                "      - record: dashboard:query_{queries}\n        expr: {}\n",
+                serde_json::Value::String(expr)
+            ));
+            queries += 1;
+        }
+    }
+    let dashboard_rules = dir.path().join("dashboard.yml");
+    std::fs::write(&dashboard_rules, recorded).expect("dashboard rules");
     for args in [
         vec!["check", "rules", rules.to_str().expect("utf-8")],
+        vec!["check", "rules", dashboard_rules.to_str().expect("utf-8")],
         vec!["check", "config", config_path.to_str().expect("utf-8")],
     ] {
         let out = Command::new(promtool)
