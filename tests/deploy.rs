@@ -1097,3 +1097,77 @@ fn the_deployment_guide_states_the_real_defaults() {
     }
     assert_eq!(checked, 4, "the guide's settings table");
 }
+
+/// The Redis generation end to end: the chart's own example values (which values-redis.yaml
+/// repeats in its comments) with ours on top, turned into the container's environment as
+/// the chart's `_sse_environment.yaml` does (`extraEnv` as strings, `extraEnvFromSecret`
+/// from the secret; the harness adds the token as the chart does), against a redis-server
+/// that requires the password. Only what differs on one machine is changed: the host, the
+/// port, and cluster mode off (one server here). The service chooses Redis by itself, gets
+/// ready, stores and delivers.
+#[tokio::test]
+async fn the_redis_users_values_run_the_service_on_their_password_protected_redis() {
+    let text = file("deploy/helm/values-redis.yaml");
+    let example: String = text
+        .lines()
+        .skip_while(|l| *l != "#   sse:")
+        .map_while(|l| l.strip_prefix("#   "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let theirs: serde_yaml_ng::Value = serde_yaml_ng::from_str(&example).expect("example YAML");
+    let ours: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    assert!(ours["sse"]["extraEnv"].is_null() && ours["sse"]["extraEnvFromSecret"].is_null());
+
+    let password = "s3cret#?,@: x";
+    let redis = Redis::start_with_auth(None, password, false);
+    let port = redis.port.to_string();
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (name, value) in theirs["sse"]["extraEnv"].as_mapping().expect("extraEnv") {
+        let name = name.as_str().expect("name").to_owned();
+        let value = match name.as_str() {
+            "REDIS_HOST" => "127.0.0.1".to_owned(),
+            "REDIS_PORT" => port.clone(),
+            "USE_CLUSTER_MODE" => "false".to_owned(),
+            _ => match value {
+                serde_yaml_ng::Value::String(s) => s.clone(),
+                other => serde_yaml_ng::to_string(other)
+                    .expect("scalar")
+                    .trim()
+                    .to_owned(),
+            },
+        };
+        env.push((name, value));
+    }
+    let secrets = theirs["sse"]["extraEnvFromSecret"]
+        .as_mapping()
+        .expect("extraEnvFromSecret");
+    for (name, reference) in secrets {
+        assert!(
+            reference["secretName"].as_str().is_some() && reference["secretKey"].as_str().is_some()
+        );
+        assert_eq!(name.as_str(), Some("REDIS_PASSWORD"));
+        env.push(("REDIS_PASSWORD".to_owned(), password.to_owned()));
+    }
+    let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "REDIS_HOST",
+            "REDIS_PORT",
+            "USE_CLUSTER_MODE",
+            "REDIS_PASSWORD"
+        ]
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let svc = Service::start_without_nats(&env);
+    svc.wait_ready().await;
+    let log = svc.log();
+    assert!(
+        log.contains("REDIS_HOST or REDIS_URL is set and NATS_URL is not")
+            && log.contains("Redis connected"),
+        "{log}"
+    );
+    let mut sse = svc.subscribe("helm_redis").await;
+    assert_eq!(svc.publish("helm_redis", "200.5").await.status, 200);
+    assert_eq!(sse.next_update(Duration::from_secs(10)).await, Some(200.5));
+}
