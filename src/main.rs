@@ -9,8 +9,11 @@ use flagsmith_sse::server::Server;
 
 fn main() -> ExitCode {
     let config = Config::parse();
+    // Colours only for a person at a terminal: journald, `docker logs` and files get plain
+    // text that grep and log pipelines read.
     let logs = tracing_subscriber::fmt()
         .with_max_level(config.log_level)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => logs.init(),
