@@ -87,3 +87,32 @@ async fn a_nats_restart_with_memory_storage_is_repopulated_by_the_instances() {
     assert_eq!(resp.status, 200, "{}", resp.body);
     assert_ne!(resp.json()["status"], "stored", "{}", resp.body);
 }
+
+/// An update stored back keeps its original time: it leaves the "latest on connect" answer
+/// when its own retention ends, not a retention after the NATS restart.
+#[tokio::test]
+async fn a_stored_back_update_keeps_its_original_time() {
+    let retention = std::time::Duration::from_secs(6);
+    let mut nats = Nats::start();
+    let env = [("NATS_STREAM_MAX_AGE", "6s")];
+    let a = Service::start_with(&nats.url(), &env);
+    a.wait_ready().await;
+    let posted = std::time::Instant::now();
+    assert_eq!(a.publish("env", "1.5").await.status, 200);
+    // Half the retention later NATS restarts and the update is stored back: the stream's
+    // own clock for it starts then.
+    tokio::time::sleep(retention / 2).await;
+    nats.restart();
+    a.wait_ready().await;
+    let c = Service::start_with(&nats.url(), &env);
+    c.wait_ready().await;
+    let mut sse = c.subscribe("env").await;
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(1.5));
+    // Past the original retention (the stream still holds it: it was written later), a new
+    // subscriber gets nothing on connect.
+    tokio::time::sleep((retention + SECOND / 2).saturating_sub(posted.elapsed())).await;
+    let d = Service::start_with(&nats.url(), &env);
+    d.wait_ready().await;
+    let mut late = d.subscribe("env").await;
+    assert_eq!(late.next_update(2 * SECOND).await, None);
+}
