@@ -137,6 +137,18 @@ pub struct Config {
     #[arg(long, env = "NATS_STREAM_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
     pub nats_stream_max_age: Duration,
 
+    /// Where JetStream keeps the stream: `memory` (as Flagsmith's design prefers: faster,
+    /// and lost only when every replica of the stream restarts, after which the running
+    /// instances store back what they hold) or `file` (survives NATS restarts). JetStream
+    /// cannot change an existing stream's storage: delete the stream to switch.
+    #[arg(
+        long,
+        env = "NATS_STREAM_STORAGE",
+        value_enum,
+        default_value = "memory"
+    )]
+    pub nats_stream_storage: StreamStorage,
+
     /// Replicas of the stream, for clustered NATS (1, 3 or 5).
     #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub nats_stream_replicas: u8,
@@ -199,6 +211,12 @@ pub struct Config {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamStorage {
+    Memory,
+    File,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -667,6 +685,21 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn stream_storage_defaults_to_memory_and_refuses_unknown_names() {
+        assert_eq!(
+            Config::parse_from(["flagsmith-sse"]).nats_stream_storage,
+            StreamStorage::Memory
+        );
+        let file = Config::try_parse_from(["flagsmith-sse", "--nats-stream-storage", "file"])
+            .expect("parses");
+        assert_eq!(file.nats_stream_storage, StreamStorage::File);
+        let err = Config::try_parse_from(["flagsmith-sse", "--nats-stream-storage", "disk"])
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("memory") && err.contains("file"), "{err}");
     }
 
     #[test]

@@ -13,8 +13,11 @@ fn main() -> ExitCode {
     if config.command == "healthcheck" {
         return healthcheck(&config);
     }
+    // Colours only for a person at a terminal: journald, `docker logs` and files get plain
+    // text that grep and log pipelines read.
     let logs = tracing_subscriber::fmt()
         .with_max_level(config.log_level)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => logs.init(),

@@ -121,3 +121,24 @@ async fn a_silent_redis_connection_is_replaced_within_the_bound() {
     let direct = Service::start_redis(&redis.url(), &[]);
     recovers_from_silence("redis", &proxy, &writer, &follower, &direct).await;
 }
+
+/// A broker that refuses the service is visible at the default log level, with the cause,
+/// and says so once per period rather than at every retry; the credentials stay out.
+#[tokio::test]
+async fn a_nats_that_refuses_our_credentials_is_logged_once_with_the_cause() {
+    let nats = Nats::start_with(&["--auth", "right-SECRET"]);
+    let url = format!("nats://wrong-SECRET@127.0.0.1:{}", nats.port);
+    let svc = Service::start_with(&url, &[("LOG_LEVEL", "info")]);
+    eventually(10 * SECOND, "a warning with the cause", || {
+        let log = svc.log();
+        log.contains("WARN")
+            && log.contains("broker connection failed")
+            && log.contains("authorization")
+    })
+    .await;
+    tokio::time::sleep(3 * SECOND).await;
+    let log = svc.log();
+    assert_eq!(log.matches("broker connection failed").count(), 1, "{log}");
+    assert!(!log.contains("SECRET"), "{log}");
+    assert_eq!(get(svc.addr, "/readyz").await.status, 503);
+}

@@ -645,3 +645,28 @@ async fn the_hash_forgets_environments_older_than_the_retention() {
             == "1"
     );
 }
+
+/// An update stored back after Redis lost its data keeps its original time: it leaves the
+/// "latest on connect" answer when its own retention ends, not a retention after the loss.
+#[tokio::test]
+async fn a_stored_back_update_keeps_its_original_time() {
+    let retention = Duration::from_secs(6);
+    let mut redis = Redis::start_with(&["--appendonly", "no"]);
+    let env = [("NATS_STREAM_MAX_AGE", "6s")];
+    let a = Service::start_redis(&redis.url(), &env);
+    a.wait_ready().await;
+    let posted = std::time::Instant::now();
+    assert_eq!(a.publish("env", "1.5").await.status, 200);
+    tokio::time::sleep(retention / 2).await;
+    redis.restart_empty();
+    a.wait_ready().await;
+    let c = Service::start_redis(&redis.url(), &env);
+    c.wait_ready().await;
+    let mut sse = c.subscribe("env").await;
+    assert_eq!(sse.next_update(5 * SECOND).await, Some(1.5));
+    tokio::time::sleep((retention + SECOND / 2).saturating_sub(posted.elapsed())).await;
+    let d = Service::start_redis(&redis.url(), &env);
+    d.wait_ready().await;
+    let mut late = d.subscribe("env").await;
+    assert_eq!(late.next_update(2 * SECOND).await, None);
+}

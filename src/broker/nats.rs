@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, consumer::push, context::PublishErrorKind, stream};
 use async_nats::{ConnectOptions, Event, ServerAddr};
@@ -20,10 +20,14 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::{BoxFuture, Broker, BrokerError, FailureLog, PublishError, Published, boxed, redact};
+use crate::config::StreamStorage;
 use crate::environment::validate_key;
 use crate::hub::{Hub, Update};
-use crate::metrics::{Metrics, NatsOp};
+use crate::metrics::{BrokerOp, Metrics, NatsOp};
 use crate::timestamp::Timestamp;
+
+/// A header with the original store time (ms since the epoch) of an update stored back.
+const STORED_AT_HEADER: &str = "Flagsmith-Sse-Stored-At";
 
 /// Every environment's subject is this prefix, a dot, and its key.
 pub const SUBJECT_PREFIX: &str = "flagsmith.environment";
@@ -40,6 +44,7 @@ pub struct NatsSettings {
     pub stream: String,
     pub max_age: Duration,
     pub replicas: u8,
+    pub storage: StreamStorage,
     pub timeout: Duration,
 }
 
@@ -152,7 +157,10 @@ impl NatsBroker {
             max_messages_per_subject: 1,
             max_age: self.settings.max_age,
             num_replicas: usize::from(self.settings.replicas),
-            storage: stream::StorageType::File,
+            storage: match self.settings.storage {
+                StreamStorage::Memory => stream::StorageType::Memory,
+                StreamStorage::File => stream::StorageType::File,
+            },
             discard: stream::DiscardPolicy::Old,
             duplicate_window: self.settings.max_age.min(Duration::from_secs(120)),
             ..Default::default()
@@ -167,6 +175,17 @@ impl NatsBroker {
             })?;
         if let Ok(info) = stream.info().await {
             let have = &info.config;
+            if have.storage != config.storage {
+                warn!(
+                    stream = %config.name,
+                    existing = ?have.storage,
+                    configured = ?config.storage,
+                    "the existing stream's storage is not NATS_STREAM_STORAGE's, and JetStream \
+                     cannot change it in place; serving with the stream as it is. To switch, \
+                     delete the stream (`nats stream rm <name>`; running instances recreate it \
+                     and store back what they hold) or set NATS_STREAM_STORAGE to match"
+                );
+            }
             if have.subjects != config.subjects
                 || have.max_messages_per_subject != 1
                 || have.max_age != config.max_age
@@ -213,7 +232,8 @@ impl NatsBroker {
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner);
                         if consumed.is_some_and(|c| c != created) {
-                            warn!(stream = %self.settings.stream, "stream was created anew; restarting the consumer");
+                            warn!(stream = %self.settings.stream, "stream was created anew (NATS lost it); storing back what this instance holds and restarting the consumer");
+                            self.store_back().await;
                             self.restart_consumer.notify_one();
                         }
                         break;
@@ -292,10 +312,17 @@ impl NatsBroker {
             warn!(subject = %message.subject, "message without JetStream metadata ignored");
             return;
         };
+        // An update stored back after the stream was lost carries its original time.
+        let original = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(STORED_AT_HEADER))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .map(|millis| UNIX_EPOCH + Duration::from_millis(millis));
         let (sequence, pending, stored_at) = (
             info.stream_sequence,
             info.pending,
-            SystemTime::from(info.published),
+            original.unwrap_or_else(|| SystemTime::from(info.published)),
         );
         let key = message
             .subject
@@ -330,6 +357,43 @@ impl NatsBroker {
         }
     }
 
+    /// After NATS lost the stream (a restart with memory storage, a lost store): stores
+    /// back the newest update this instance holds per environment, each only if the stream
+    /// holds nothing newer (another instance may have stored back first), so that an
+    /// instance started later still gets the current state on connect.
+    async fn store_back(&self) {
+        let held = self.hub.snapshot(SystemTime::now());
+        let (mut restored, mut failed) = (0, 0);
+        for (key, update) in &held {
+            let stored = match self.stored(&format!("{SUBJECT_PREFIX}.{key}")).await {
+                Ok(stored) => stored,
+                Err(err) => {
+                    debug!(error = %err, key = &**key, "could not read what the stream holds");
+                    failed += 1;
+                    continue;
+                }
+            };
+            match self
+                .publish_if_newer(key, update.timestamp, Some(update.stored_at), stored)
+                .await
+            {
+                Ok(Published::Stored { .. }) => restored += 1,
+                Ok(_) => {}
+                Err(err) => {
+                    debug!(error = %err, key = &**key, "could not store back");
+                    failed += 1;
+                }
+            }
+        }
+        for _ in 0..failed {
+            self.metrics.broker_error(BrokerOp::Restore);
+        }
+        info!(
+            held = held.len(),
+            restored, failed, "stored back this instance's updates into the new stream"
+        );
+    }
+
     /// What the stream holds for `subject`: its timestamp and sequence, or `None`.
     async fn stored(&self, subject: &str) -> Result<Option<(Timestamp, u64)>, PublishError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
@@ -357,16 +421,37 @@ impl NatsBroker {
         if !self.is_connected() {
             return Err(PublishError::NotConnected);
         }
+        // Start from what our consumer has seen; the stream corrects us if it moved on.
+        let stored = self
+            .hub
+            .latest(key)
+            .map(|update| (update.timestamp, update.sequence));
+        self.publish_if_newer(key, timestamp, None, stored).await
+    }
+
+    /// Stores `timestamp` as `key`'s newest unless the stream holds an equal or newer one,
+    /// starting from the belief that it holds `stored` (timestamp, subject sequence).
+    /// `stored_at`: the original time of an update being stored back, so that it still
+    /// leaves the "latest on connect" answer when its retention ends.
+    async fn publish_if_newer(
+        &self,
+        key: &str,
+        timestamp: Timestamp,
+        stored_at: Option<SystemTime>,
+        mut stored: Option<(Timestamp, u64)>,
+    ) -> Result<Published, PublishError> {
         let subject = format!("{SUBJECT_PREFIX}.{key}");
         let payload = Bytes::from(format!("{{\"updated_at\": {timestamp}}}"));
         // The same environment and instant always get the same id, so JetStream drops a
         // retried POST within its duplicate window instead of storing it twice.
         let message_id = format!("{key}:{}", timestamp.micros());
-        // Start from what our consumer has seen; the stream corrects us if it moved on.
-        let mut stored = self
-            .hub
-            .latest(key)
-            .map(|update| (update.timestamp, update.sequence));
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(millis) = stored_at
+            .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis())
+        {
+            headers.insert(STORED_AT_HEADER, millis.to_string().as_str());
+        }
         for _ in 0..MAX_PUBLISH_ATTEMPTS {
             if let Some((current, _)) = stored
                 && current >= timestamp
@@ -378,6 +463,7 @@ impl NatsBroker {
             // one we compared with makes "compare, then write" atomic in JetStream.
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
+                .headers(headers.clone())
                 .message_id(&message_id)
                 .expected_last_subject_sequence(stored.map_or(0, |(_, sequence)| sequence));
             let acked = match self.jetstream.send_publish(subject.clone(), publish).await {
@@ -399,7 +485,7 @@ impl NatsBroker {
                         Update {
                             timestamp,
                             sequence: ack.sequence,
-                            stored_at: SystemTime::now(),
+                            stored_at: stored_at.unwrap_or_else(SystemTime::now),
                         },
                     );
                     return Ok(Published::Stored {

@@ -328,25 +328,11 @@ impl RedisBroker {
     /// Keeps one healthy connection for writes for the life of the process: opens it,
     /// pings it, and replaces it when a ping (or a write) gets no answer in time.
     async fn keep_writer(self: Arc<Self>) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let mut log = FailureLog::new("redis writer");
-        let mut opened_before = false;
+        let mut reconnects = Reconnects::new("redis writer");
         loop {
-            let mut connection = match self.open(&self.writer_client, self.settings.timeout).await {
-                Ok(connection) => connection,
-                Err(err) => {
-                    self.metrics.broker_error(BrokerOp::Connect);
-                    let delay = backoff.next_delay();
-                    log.failed(&err, Some(delay));
-                    tokio::time::sleep(delay).await;
-                    continue;
-                }
-            };
-            log.recovered();
-            backoff.connected();
-            if std::mem::replace(&mut opened_before, true) {
-                self.metrics.broker_reconnected();
-            }
+            let mut connection = reconnects
+                .open(&self, &self.writer_client, self.settings.timeout)
+                .await;
             self.set_writer(Some(connection.clone()));
             let err = loop {
                 tokio::select! {
@@ -367,32 +353,18 @@ impl RedisBroker {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clear();
             self.metrics.broker_error(BrokerOp::Connect);
-            log.failed(&err, None);
+            reconnects.log.failed(&err, None);
         }
     }
 
     /// Keeps one reader for the life of the process, reconnecting with a backoff.
     async fn run_reader(self: Arc<Self>) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let mut log = FailureLog::new("redis reader");
+        let mut reconnects = Reconnects::new("redis reader");
         let mut last_id = String::from("0-0");
-        let mut opened_before = false;
         loop {
-            let mut connection = match self.open(&self.reader_client, READ_RESPONSE_TIMEOUT).await {
-                Ok(connection) => connection,
-                Err(err) => {
-                    self.metrics.broker_error(BrokerOp::Connect);
-                    let delay = backoff.next_delay();
-                    log.failed(&err, Some(delay));
-                    tokio::time::sleep(delay).await;
-                    continue;
-                }
-            };
-            log.recovered();
-            backoff.connected();
-            if std::mem::replace(&mut opened_before, true) {
-                self.metrics.broker_reconnected();
-            }
+            let mut connection = reconnects
+                .open(&self, &self.reader_client, READ_RESPONSE_TIMEOUT)
+                .await;
             self.reader_up.store(true, Ordering::Relaxed);
             let err = match self.read(&mut connection, &mut last_id).await {
                 Err(err) => err,
@@ -400,13 +372,9 @@ impl RedisBroker {
                 Ok(()) => continue,
             };
             self.reader_up.store(false, Ordering::Relaxed);
-            if self.caught_up.swap(false, Ordering::Relaxed) {
-                warn!(error = %err, "Redis reader disconnected; reconnecting");
-            }
+            self.caught_up.store(false, Ordering::Relaxed);
             self.metrics.broker_error(BrokerOp::Read);
-            let delay = backoff.next_delay();
-            log.failed(&err, Some(delay));
-            tokio::time::sleep(delay).await;
+            reconnects.wait_after(&err).await;
         }
     }
 
@@ -749,6 +717,56 @@ impl RedisBroker {
 }
 
 type BoxedErr = super::BoxError;
+
+/// One long-lived connection's reconnect state: its back-off, its failure log, and whether
+/// it was open before (so that a reconnect is counted as one).
+struct Reconnects {
+    backoff: Backoff,
+    log: FailureLog,
+    opened_before: bool,
+}
+
+impl Reconnects {
+    fn new(what: &'static str) -> Self {
+        Self {
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            log: FailureLog::new(what),
+            opened_before: false,
+        }
+    }
+
+    /// Opens a connection, retrying with the back-off until one answers.
+    async fn open(
+        &mut self,
+        broker: &RedisBroker,
+        client: &Client,
+        response_timeout: Duration,
+    ) -> Connection {
+        loop {
+            match broker.open(client, response_timeout).await {
+                Ok(connection) => {
+                    self.log.recovered();
+                    self.backoff.connected();
+                    if std::mem::replace(&mut self.opened_before, true) {
+                        broker.metrics.broker_reconnected();
+                    }
+                    return connection;
+                }
+                Err(err) => {
+                    broker.metrics.broker_error(BrokerOp::Connect);
+                    self.wait_after(&err).await;
+                }
+            }
+        }
+    }
+
+    /// Logs a failure and waits out the back-off.
+    async fn wait_after(&mut self, err: &redis::RedisError) {
+        let delay = self.backoff.next_delay();
+        self.log.failed(err, Some(delay));
+        tokio::time::sleep(delay).await;
+    }
+}
 
 /// A Redis command bounded by the reader's response timeout.
 async fn bounded<T>(command: impl std::future::Future<Output = RedisResult<T>>) -> RedisResult<T> {
