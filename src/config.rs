@@ -631,6 +631,19 @@ mod tests {
         assert_eq!(with_password.username.as_deref(), Some("flagsmith"));
         let debug = format!("{with_password:?}");
         assert!(!debug.contains(secret), "{debug}");
+        assert!(
+            debug.contains("redis://cache:6379") && debug.contains("Some(\"***\")"),
+            "{debug}"
+        );
+        // An IPv6 REDIS_HOST is bracketed in the URL; a bracketed one is kept.
+        assert_eq!(
+            target(&["--redis-host", "::1"]).expect("valid").urls,
+            ["redis://[::1]:6379"]
+        );
+        assert_eq!(
+            target(&["--redis-host", "[::1]"]).expect("valid").urls,
+            ["redis://[::1]:6379"]
+        );
         // Charts pass an empty secret when there is none.
         assert_eq!(
             target(&["--redis-password", ""]).expect("valid").password,
@@ -672,7 +685,12 @@ mod tests {
     fn an_unusable_ca_file_is_refused_at_start() {
         let dir = tempfile::tempdir().expect("tempdir");
         let empty = dir.path().join("empty.pem");
-        std::fs::write(&empty, "not a certificate").expect("write");
+        // Longer than the PEM marker, so that it is searched for and not found.
+        std::fs::write(
+            &empty,
+            "-----BEGIN PRIVATE KEY-----\nnot a certificate at all\n",
+        )
+        .expect("write");
         for (path, why) in [
             (dir.path().join("missing.pem"), "No such file"),
             (empty, "no PEM certificate"),
@@ -685,6 +703,17 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn nats_url_defaults_to_a_local_server() {
+        assert_eq!(
+            Config::parse_from(["flagsmith-sse"]).nats_url(),
+            DEFAULT_NATS_URL
+        );
+        let set = Config::try_parse_from(["flagsmith-sse", "--nats-url", "nats://n:4222"])
+            .expect("parses");
+        assert_eq!(set.nats_url(), "nats://n:4222");
     }
 
     #[test]
