@@ -9,32 +9,24 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::error::ApiError;
+use crate::fanout::{self, Link, Mode};
+use crate::metrics::WriteKind;
 use crate::routes::{Route, route};
-use crate::sse::{KEEPALIVE_CHUNK, Outgoing, STREAM_HEADERS, Transport};
+use crate::sse::{Outgoing, Subscriber, Timed, Transport};
 use crate::state::AppState;
+use crate::wire::{ALLOW_ORIGIN, KEEPALIVE_CHUNK, STREAM_HEAD, TERMINATOR};
 
 /// Heads longer than this are hyper's to judge (it has its own limits and errors).
 const MAX_SNIFF: usize = 8 * 1024;
-
-/// The head of every stream this path serves: the stream headers, chunked framing, and
-/// `connection: close` because this path serves one request per connection (a stream that
-/// ends at its age closes the socket; the client opens a new one).
-static STREAM_HEAD: LazyLock<Bytes> = LazyLock::new(|| {
-    let mut head = String::from("HTTP/1.1 200 OK\r\n");
-    for (name, value) in STREAM_HEADERS {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
-    Bytes::from(head)
-});
 
 /// What the first bytes of a connection turned out to be.
 pub enum Sniffed {
@@ -104,7 +96,8 @@ fn decide(buffer: &[u8]) -> Decision {
 }
 
 /// Serves one event stream on `io` until the client leaves, a write fails or times out,
-/// or the hub closes for shutdown (then the chunked body is ended properly).
+/// or the hub closes for shutdown (then the chunked body is ended properly). The task
+/// writes every event itself: the path of sockets the fan-out cannot write directly (TLS).
 pub async fn serve_stream<I>(mut io: I, state: Arc<AppState>, key: &str, write_timeout: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
@@ -143,7 +136,7 @@ where
         let Some(outgoing) = outgoing else {
             // Its age, or shutdown: end the chunked body after the last whole event, so the
             // client sees a clean end and reconnects.
-            let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(b"0\r\n\r\n")).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(TERMINATOR)).await;
             let _ = io.shutdown().await;
             return;
         };
@@ -161,6 +154,185 @@ where
             }
         }
     }
+}
+
+/// Serves one event stream on a plain TCP socket, written directly by the fan-out (see
+/// `fanout`): this task writes the head and the event sent on connect, then only what the
+/// fan-out hands back (a socket that would block), keep-alives, and the end. It wakes for
+/// those, for its timer and for the client leaving, never for an ordinary delivery.
+pub async fn serve_direct(
+    mut tcp: TcpStream,
+    state: Arc<AppState>,
+    key: &str,
+    write_timeout: Duration,
+) {
+    let mut subscriber = match state.open_stream(key, Transport::Http1Raw, None) {
+        Ok(subscriber) => subscriber,
+        Err(err) => {
+            state.delay_refusal().await;
+            return refuse(tcp, err).await;
+        }
+    };
+    if !matches!(
+        tokio::time::timeout(write_timeout, tcp.write_all(&STREAM_HEAD)).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    let link = Arc::new(Link::new(
+        tcp,
+        subscriber.connected_at(),
+        subscriber.metrics().clone(),
+    ));
+    let Some(_attached) = state.hub().attach(key, link.clone()) else {
+        return end_direct(&link).await;
+    };
+    drop(state);
+    loop {
+        match catch_up(&mut subscriber, &link, write_timeout).await {
+            CaughtUp::Direct => {}
+            CaughtUp::End => return end_direct(&link).await,
+            CaughtUp::Failed(message) => return subscriber.write_failed(message),
+        }
+        tokio::select! {
+            () = link.woken() => {}
+            readable = link.socket.readable() => {
+                // Clients send nothing more; reading only tells us when they leave.
+                let mut probe = [0u8; 32];
+                match readable.and_then(|()| link.socket.try_read(&mut probe)) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        // A reset, not a clean close: whatever was in flight was lost.
+                        if let Some(message) = link.lock().last_message {
+                            subscriber.write_failed(message);
+                        }
+                        return;
+                    }
+                }
+            }
+            () = subscriber.timer() => {
+                let wrote_at = link.lock().wrote_at;
+                let seen = subscriber.seen();
+                subscriber.sent_elsewhere(seen, wrote_at);
+                match subscriber.timer_fired() {
+                    Timed::End => return end_direct(&link).await,
+                    Timed::Keepalive => keepalive(&subscriber, &link),
+                    Timed::Nothing => {}
+                }
+            }
+        }
+    }
+}
+
+/// How a catch-up ended.
+enum CaughtUp {
+    /// Nothing newer to send: the fan-out writes the socket again.
+    Direct,
+    /// The stream ends (its moment in the drain window, or the hub closed).
+    End,
+    /// A write failed or timed out; it was this kind.
+    Failed(WriteKind),
+}
+
+/// Writes, as this socket's only writer, what the fan-out left (the rest of a partial
+/// write) and then the newest event not yet sent, until nothing is left; then gives the
+/// socket back to the fan-out, deciding under its lock (see `fanout`).
+async fn catch_up(subscriber: &mut Subscriber, link: &Link, write_timeout: Duration) -> CaughtUp {
+    loop {
+        let (bytes, outgoing) = {
+            let mut state = link.lock();
+            if state.mode == Mode::Closed {
+                return CaughtUp::End;
+            }
+            if !state.pending.is_empty() {
+                let kind = state.last_message.unwrap_or(WriteKind::Data);
+                (std::mem::take(&mut state.pending), Err(kind))
+            } else {
+                subscriber.sent_elsewhere(state.seen, state.wrote_at);
+                match subscriber.newer() {
+                    Some(outgoing) => {
+                        state.mode = Mode::Task;
+                        state.seen = subscriber.seen();
+                        let bytes = match &outgoing {
+                            Outgoing::Event { bytes, .. } => bytes.clone(),
+                            Outgoing::Keepalive => KEEPALIVE_CHUNK,
+                        };
+                        (bytes, Ok(outgoing))
+                    }
+                    None if subscriber.hub_closed() => {
+                        state.mode = Mode::Closed;
+                        return CaughtUp::End;
+                    }
+                    None => {
+                        state.mode = Mode::Direct;
+                        return CaughtUp::Direct;
+                    }
+                }
+            }
+        };
+        let kind = match &outgoing {
+            Ok(outgoing) => outgoing.message(),
+            Err(kind) => *kind,
+        };
+        if !fanout::write_all_within(&link.socket, &bytes, write_timeout).await {
+            // A failed write, or a client that stopped reading for the whole timeout.
+            return CaughtUp::Failed(kind);
+        }
+        let mut state = link.lock();
+        state.wrote_at = tokio::time::Instant::now();
+        state.last_message = Some(kind);
+        drop(state);
+        if let Ok(outgoing) = outgoing {
+            subscriber.wrote(&outgoing);
+        }
+    }
+}
+
+/// A keep-alive on a socket the fan-out may write: under its lock, whole or handed to the
+/// task (which then writes the rest, or times out on a client that stopped reading).
+fn keepalive(subscriber: &Subscriber, link: &Link) {
+    let mut state = link.lock();
+    if state.mode != Mode::Direct {
+        return;
+    }
+    let written = match link.socket.try_write(&KEEPALIVE_CHUNK) {
+        Ok(written) => written,
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(_) => {
+            // Its task finds the failure when it writes.
+            state.mode = Mode::Task;
+            drop(state);
+            return link.wake();
+        }
+    };
+    state.last_message = Some(WriteKind::Keepalive);
+    if written > 0 {
+        state.wrote_at = tokio::time::Instant::now();
+        subscriber.metrics().http_write(WriteKind::Keepalive);
+    }
+    if written < KEEPALIVE_CHUNK.len() {
+        state.pending = KEEPALIVE_CHUNK.slice(written..);
+        state.mode = Mode::Task;
+        drop(state);
+        link.wake();
+    }
+}
+
+/// Ends a directly written stream after its last whole event: nobody writes after the
+/// terminator, so the client sees a clean end and reconnects.
+async fn end_direct(link: &Link) {
+    let pending = {
+        let mut state = link.lock();
+        state.mode = Mode::Closed;
+        std::mem::take(&mut state.pending)
+    };
+    let budget = Duration::from_secs(1);
+    if fanout::write_all_within(&link.socket, &pending, budget).await {
+        let _ = fanout::write_all_within(&link.socket, TERMINATOR, budget).await;
+    }
+    let _ = socket2::SockRef::from(&link.socket).shutdown(std::net::Shutdown::Write);
 }
 
 /// Answers with `err`'s response (the same status, headers and JSON body hyper would
@@ -181,9 +353,9 @@ fn error_response_bytes(err: ApiError) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     let length = body.len();
-    let tail = format!(
-        "access-control-allow-origin: *\r\nconnection: close\r\ncontent-length: {length}\r\n\r\n{body}"
-    );
+    let (cors, origin) = ALLOW_ORIGIN;
+    let tail =
+        format!("{cors}: {origin}\r\nconnection: close\r\ncontent-length: {length}\r\n\r\n{body}");
     out.extend_from_slice(tail.as_bytes());
     out
 }
@@ -328,3 +500,6 @@ mod tests {
         assert_eq!(out, "hello world");
     }
 }
+
+#[cfg(test)]
+mod direct_tests;

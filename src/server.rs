@@ -208,7 +208,10 @@ async fn serve_connection<I>(
     match h1_stream::sniff(&mut io, timeouts.header_read).await {
         Sniffed::Stream(key) => {
             io.limit_send_buffer();
-            h1_stream::serve_stream(io, state, &key, timeouts.stream_write).await;
+            match io.into_tcp() {
+                Ok(tcp) => h1_stream::serve_direct(tcp, state, &key, timeouts.stream_write).await,
+                Err(io) => h1_stream::serve_stream(io, state, &key, timeouts.stream_write).await,
+            }
         }
         Sniffed::Other(head) => {
             Box::pin(serve_hyper(
@@ -270,20 +273,30 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Sockets whose kernel send buffer a stream caps (see `STREAM_SEND_BUFFER`).
-pub trait StreamSocket {
+/// Sockets whose kernel send buffer a stream caps (see `STREAM_SEND_BUFFER`), and which
+/// the fan-out may write directly (plain TCP; TLS records are its task's to write).
+pub trait StreamSocket: Sized {
     fn limit_send_buffer(&self);
+    fn into_tcp(self) -> Result<tokio::net::TcpStream, Self>;
 }
 
 impl StreamSocket for tokio::net::TcpStream {
     fn limit_send_buffer(&self) {
         let _ = socket2::SockRef::from(self).set_send_buffer_size(STREAM_SEND_BUFFER);
     }
+
+    fn into_tcp(self) -> Result<tokio::net::TcpStream, Self> {
+        Ok(self)
+    }
 }
 
 impl StreamSocket for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     fn limit_send_buffer(&self) {
         self.get_ref().0.limit_send_buffer();
+    }
+
+    fn into_tcp(self) -> Result<tokio::net::TcpStream, Self> {
+        Err(self)
     }
 }
 
