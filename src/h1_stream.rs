@@ -23,7 +23,7 @@ use crate::metrics::WriteKind;
 use crate::routes::{Route, route};
 use crate::sse::{Outgoing, Subscriber, Timed, Transport};
 use crate::state::AppState;
-use crate::wire::{ALLOW_ORIGIN, KEEPALIVE_CHUNK, STREAM_HEAD, TERMINATOR};
+use crate::wire::{ALLOW_ORIGIN, KEEPALIVE_CHUNK, STREAM_HEAD, STREAM_HEAD_KEEP_ALIVE, TERMINATOR};
 
 /// Heads longer than this are hyper's to judge (it has its own limits and errors).
 const MAX_SNIFF: usize = 8 * 1024;
@@ -31,7 +31,7 @@ const MAX_SNIFF: usize = 8 * 1024;
 /// What the first bytes of a connection turned out to be.
 pub enum Sniffed {
     /// `GET /sse/environments/{key}/stream` over HTTP/1.1, nothing else to serve.
-    Stream(Box<str>),
+    Stream(StreamRequest),
     /// Anything else: hyper serves it, starting with these bytes.
     Other(Bytes),
     /// Closed, failed or too slow before a request head arrived.
@@ -54,10 +54,20 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> Sniff
         }
     };
     match tokio::time::timeout(timeout, read_head).await {
-        Ok(Some(Decision::Stream(key))) => Sniffed::Stream(key),
+        Ok(Some(Decision::Stream(request))) => Sniffed::Stream(request),
         Ok(Some(Decision::Hyper)) => Sniffed::Other(Bytes::from(buffer)),
         Ok(Some(Decision::ReadMore) | None) | Err(_) => Sniffed::Gone,
     }
+}
+
+/// A plain HTTP/1.1 stream request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StreamRequest {
+    /// The environment key, not yet validated.
+    pub key: Box<str>,
+    /// The client did not say `Connection: close`: after a clean end at the stream's age
+    /// the connection stays open for its next request (HTTP/1.1's default).
+    pub keep_alive: bool,
 }
 
 /// What the bytes read so far make of a connection.
@@ -65,8 +75,8 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> Sniff
 enum Decision {
     /// The request head is not complete yet.
     ReadMore,
-    /// A plain HTTP/1.1 `GET` of a stream, for this key (not yet validated).
-    Stream(Box<str>),
+    /// A plain HTTP/1.1 `GET` of a stream.
+    Stream(StreamRequest),
     /// Anything else, for hyper to serve.
     Hyper,
 }
@@ -89,8 +99,17 @@ fn decide(buffer: &[u8]) -> Decision {
             || h.name.eq_ignore_ascii_case("upgrade")
             || h.name.eq_ignore_ascii_case("expect"))
     });
+    let keep_alive = !request.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && h.value
+                .split(|&b| b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    });
     match route(request.path.unwrap_or("")) {
-        Some(Route::Stream(key)) if plain => Decision::Stream(Box::from(key)),
+        Some(Route::Stream(key)) if plain => Decision::Stream(StreamRequest {
+            key: Box::from(key),
+            keep_alive,
+        }),
         _ => Decision::Hyper,
     }
 }
@@ -160,39 +179,79 @@ where
 /// `fanout`): this task writes the head and the event sent on connect, then only what the
 /// fan-out hands back (a socket that would block), keep-alives, and the end. It wakes for
 /// those, for its timer and for the client leaving, never for an ordinary delivery.
+///
+/// Returns the socket when the stream ended cleanly at its age and the client asked to
+/// keep the connection: its next request is read from it (clients that reuse connections
+/// skip a TCP handshake per reopen).
 pub async fn serve_direct(
     mut tcp: TcpStream,
     state: Arc<AppState>,
-    key: &str,
+    request: &StreamRequest,
     write_timeout: Duration,
-) {
-    let mut subscriber = match state.open_stream(key, Transport::Http1Raw, None) {
+) -> Option<TcpStream> {
+    let mut subscriber = match state.open_stream(&request.key, Transport::Http1Raw, None) {
         Ok(subscriber) => subscriber,
         Err(err) => {
-            state.delay_refusal().await;
-            return refuse(tcp, err).await;
+            // Boxed, like every rare step here: a stream's task is as large as its largest
+            // state, and it lives as long as the subscriber.
+            Box::pin(async move {
+                state.delay_refusal().await;
+                refuse(tcp, err).await;
+            })
+            .await;
+            return None;
         }
     };
+    let head = if request.keep_alive {
+        &STREAM_HEAD_KEEP_ALIVE
+    } else {
+        &STREAM_HEAD
+    };
     if !matches!(
-        tokio::time::timeout(write_timeout, tcp.write_all(&STREAM_HEAD)).await,
+        Box::pin(tokio::time::timeout(write_timeout, tcp.write_all(head))).await,
         Ok(Ok(()))
     ) {
-        return;
+        return None;
     }
     let link = Arc::new(Link::new(
         tcp,
         subscriber.connected_at(),
         subscriber.metrics().clone(),
     ));
-    let Some(_attached) = state.hub().attach(key, link.clone()) else {
-        return end_direct(&link).await;
-    };
+    let attached = state.hub().attach(&request.key, link.clone());
     drop(state);
+    let ended = match attached {
+        Some(_attached) => stream_direct(&mut subscriber, &link, write_timeout).await,
+        None => Ended::Stop,
+    };
+    let reusable = ended == Ended::Age && request.keep_alive;
+    if !Box::pin(end_direct(&link, ended != Ended::Gone, reusable)).await {
+        return None;
+    }
+    // Detached above: this task holds the only reference.
+    Arc::try_unwrap(link).ok().map(|link| link.socket)
+}
+
+/// How a directly written stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// At its age: cleanly, and the connection may serve another request.
+    Age,
+    /// Shutdown (drain or close): cleanly, and the connection closes.
+    Stop,
+    /// The client left or a write failed: nothing more to write.
+    Gone,
+}
+
+async fn stream_direct(subscriber: &mut Subscriber, link: &Link, write_timeout: Duration) -> Ended {
     loop {
-        match catch_up(&mut subscriber, &link, write_timeout).await {
+        match Box::pin(catch_up(subscriber, link, write_timeout)).await {
             CaughtUp::Direct => {}
-            CaughtUp::End => return end_direct(&link).await,
-            CaughtUp::Failed(message) => return subscriber.write_failed(message),
+            CaughtUp::End => return Ended::Stop,
+            CaughtUp::Failed(message) => {
+                subscriber.write_failed(message);
+                return Ended::Gone;
+            }
         }
         tokio::select! {
             () = link.woken() => {}
@@ -200,7 +259,7 @@ pub async fn serve_direct(
                 // Clients send nothing more; reading only tells us when they leave.
                 let mut probe = [0u8; 32];
                 match readable.and_then(|()| link.socket.try_read(&mut probe)) {
-                    Ok(0) => return,
+                    Ok(0) => return Ended::Gone,
                     Ok(_) => {}
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     Err(_) => {
@@ -208,7 +267,7 @@ pub async fn serve_direct(
                         if let Some(message) = link.lock().last_message {
                             subscriber.write_failed(message);
                         }
-                        return;
+                        return Ended::Gone;
                     }
                 }
             }
@@ -217,8 +276,9 @@ pub async fn serve_direct(
                 let seen = subscriber.seen();
                 subscriber.sent_elsewhere(seen, wrote_at);
                 match subscriber.timer_fired() {
-                    Timed::End => return end_direct(&link).await,
-                    Timed::Keepalive => keepalive(&subscriber, &link),
+                    Timed::End if subscriber.leaving() => return Ended::Stop,
+                    Timed::End => return Ended::Age,
+                    Timed::Keepalive => keepalive(subscriber, link),
                     Timed::Nothing => {}
                 }
             }
@@ -321,18 +381,23 @@ fn keepalive(subscriber: &Subscriber, link: &Link) {
 }
 
 /// Ends a directly written stream after its last whole event: nobody writes after the
-/// terminator, so the client sees a clean end and reconnects.
-async fn end_direct(link: &Link) {
+/// terminator (when `clean`), so the client sees a clean end and reconnects. Returns
+/// whether the connection stays open for another request (`keep`, and all was written).
+async fn end_direct(link: &Link, clean: bool, keep: bool) -> bool {
     let pending = {
         let mut state = link.lock();
         state.mode = Mode::Closed;
         std::mem::take(&mut state.pending)
     };
     let budget = Duration::from_secs(1);
-    if fanout::write_all_within(&link.socket, &pending, budget).await {
-        let _ = fanout::write_all_within(&link.socket, TERMINATOR, budget).await;
+    let ended = clean
+        && fanout::write_all_within(&link.socket, &pending, budget).await
+        && fanout::write_all_within(&link.socket, TERMINATOR, budget).await;
+    if ended && keep {
+        return true;
     }
     let _ = socket2::SockRef::from(&link.socket).shutdown(std::net::Shutdown::Write);
+    false
 }
 
 /// Answers with `err`'s response (the same status, headers and JSON body hyper would
@@ -439,8 +504,24 @@ mod tests {
         ] {
             assert_eq!(
                 decided(stream),
-                Decision::Stream("abc".into()),
+                Decision::Stream(StreamRequest {
+                    key: "abc".into(),
+                    keep_alive: true
+                }),
                 "{stream:?}"
+            );
+        }
+        for closing in [
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nconnection: TE, Close\r\n\r\n",
+        ] {
+            assert_eq!(
+                decided(closing),
+                Decision::Stream(StreamRequest {
+                    key: "abc".into(),
+                    keep_alive: false
+                }),
+                "{closing:?}"
             );
         }
         assert_eq!(

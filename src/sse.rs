@@ -307,6 +307,11 @@ impl Subscriber {
         self.connected_at
     }
 
+    /// Shutdown began and this stream has its moment to leave.
+    pub fn leaving(&self) -> bool {
+        self.leave_at.is_some()
+    }
+
     /// The hub closed for shutdown: the stream ends.
     pub fn hub_closed(&self) -> bool {
         self.subscription.has_changed().is_err() || self.context.hub.is_closed()

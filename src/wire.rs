@@ -31,17 +31,25 @@ pub const KEEPALIVE_CHUNK: Bytes = Bytes::from_static(b"d\r\n: keepalive\n\n\r\n
 /// The last chunk of a chunked body: the stream ended cleanly, the client reconnects.
 pub const TERMINATOR: &[u8] = b"0\r\n\r\n";
 
-/// The head of every stream the HTTP/1.1 fast path serves: the stream headers, chunked
-/// framing, and `connection: close` because that path serves one request per connection
-/// (a stream that ends at its age closes the socket; the client opens a new one).
-pub static STREAM_HEAD: LazyLock<Bytes> = LazyLock::new(|| {
+/// The head of a stream the HTTP/1.1 fast path serves to a client that said
+/// `Connection: close` (or over TLS): the stream headers, chunked framing, and
+/// `connection: close`, as the socket closes when the stream ends.
+pub static STREAM_HEAD: LazyLock<Bytes> = LazyLock::new(|| stream_head("connection: close\r\n"));
+
+/// The same for a client that keeps its connection (HTTP/1.1's default): after a clean end
+/// at the stream's age the connection serves its next request.
+pub static STREAM_HEAD_KEEP_ALIVE: LazyLock<Bytes> = LazyLock::new(|| stream_head(""));
+
+fn stream_head(connection: &str) -> Bytes {
     let mut head = String::from("HTTP/1.1 200 OK\r\n");
     for (name, value) in STREAM_HEADERS {
         let _ = write!(head, "{name}: {value}\r\n");
     }
-    head.push_str("transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+    head.push_str("transfer-encoding: chunked\r\n");
+    head.push_str(connection);
+    head.push_str("\r\n");
     Bytes::from(head)
-});
+}
 
 /// One `environment_updated` event, encoded once and shared by every subscriber.
 #[derive(Clone, Debug, Default)]
@@ -108,5 +116,7 @@ mod tests {
             assert!(head.contains(&format!("\r\n{name}: {value}\r\n")), "{head}");
         }
         assert!(head.ends_with("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"));
+        let kept = std::str::from_utf8(&STREAM_HEAD_KEEP_ALIVE).expect("ascii");
+        assert_eq!(kept, head.replace("connection: close\r\n", ""));
     }
 }
