@@ -20,13 +20,14 @@
 //! locks a socket, so an update is either seen by that check or written by the pass.
 
 use std::io;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics::{Metrics, WriteKind};
@@ -64,7 +65,10 @@ pub struct Link {
     pub socket: TcpStream,
     state: Mutex<LinkState>,
     /// The fan-out handed the socket to the task, or the hub began draining or closed.
-    wake: Notify,
+    /// A flag and a waker rather than a `Notify`: the task polls it without keeping a
+    /// future, which would be memory per subscriber.
+    woken: AtomicBool,
+    waker: AtomicWaker,
     /// Updates stored before this are not news to this stream (no latency observed).
     connected_at: SystemTime,
     metrics: Arc<Metrics>,
@@ -82,7 +86,8 @@ impl Link {
                 wrote_at: Instant::now(),
                 last_message: None,
             }),
-            wake: Notify::new(),
+            woken: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             connected_at,
             metrics,
         }
@@ -93,14 +98,24 @@ impl Link {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Resolves when the fan-out or the hub has something for the task (a permit is kept
-    /// if nobody waits, so nothing is missed between two waits).
+    /// Ready when the fan-out or the hub has something for the task (the flag is kept if
+    /// nobody waits, so nothing is missed between two waits).
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.woken.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     pub async fn woken(&self) {
-        self.wake.notified().await;
+        std::future::poll_fn(|cx| self.poll_woken(cx)).await;
     }
 
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Writes `delivery` if this socket is the fan-out's and has not sent it; hands the

@@ -7,6 +7,7 @@
 //! one write call, nothing allocated per subscriber). Everything else, HTTP/2 prior
 //! knowledge included, is handed to hyper together with the bytes already read.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -253,12 +254,27 @@ async fn stream_direct(subscriber: &mut Subscriber, link: &Link, write_timeout: 
                 return Ended::Gone;
             }
         }
-        tokio::select! {
-            () = link.woken() => {}
-            readable = link.socket.readable() => {
+        // Polled in place rather than through `select!` over futures: this is where an idle
+        // subscriber waits, and every future kept here would be memory per subscriber.
+        let woke = std::future::poll_fn(|cx| {
+            if link.poll_woken(cx).is_ready() {
+                return Poll::Ready(Wake::Handed);
+            }
+            if let Poll::Ready(ready) = link.socket.poll_read_ready(cx) {
+                return Poll::Ready(Wake::Readable(ready));
+            }
+            if subscriber.timer().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            Poll::Pending
+        })
+        .await;
+        match woke {
+            Wake::Handed => {}
+            Wake::Readable(ready) => {
                 // Clients send nothing more; reading only tells us when they leave.
                 let mut probe = [0u8; 32];
-                match readable.and_then(|()| link.socket.try_read(&mut probe)) {
+                match ready.and_then(|()| link.socket.try_read(&mut probe)) {
                     Ok(0) => return Ended::Gone,
                     Ok(_) => {}
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
@@ -271,7 +287,7 @@ async fn stream_direct(subscriber: &mut Subscriber, link: &Link, write_timeout: 
                     }
                 }
             }
-            () = subscriber.timer() => {
+            Wake::Timer => {
                 let wrote_at = link.lock().wrote_at;
                 let seen = subscriber.seen();
                 subscriber.sent_elsewhere(seen, wrote_at);
@@ -284,6 +300,16 @@ async fn stream_direct(subscriber: &mut Subscriber, link: &Link, write_timeout: 
             }
         }
     }
+}
+
+/// What woke a waiting direct stream.
+enum Wake {
+    /// The fan-out handed it the socket, or the hub began draining or closed.
+    Handed,
+    /// The client sent something or left.
+    Readable(io::Result<()>),
+    /// Its timer: keep-alive, age, or its moment in the drain window.
+    Timer,
 }
 
 /// How a catch-up ended.
