@@ -7,39 +7,32 @@
 //! one write call, nothing allocated per subscriber). Everything else, HTTP/2 prior
 //! knowledge included, is handed to hyper together with the bytes already read.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::error::ApiError;
+use crate::fanout::{self, Link, Mode};
+use crate::metrics::WriteKind;
 use crate::routes::{Route, route};
-use crate::sse::{KEEPALIVE_CHUNK, Outgoing, STREAM_HEADERS, Transport};
+use crate::sse::{Outgoing, Subscriber, Timed, Transport};
 use crate::state::AppState;
+use crate::wire::{ALLOW_ORIGIN, KEEPALIVE_CHUNK, STREAM_HEAD, STREAM_HEAD_KEEP_ALIVE, TERMINATOR};
 
 /// Heads longer than this are hyper's to judge (it has its own limits and errors).
 const MAX_SNIFF: usize = 8 * 1024;
 
-/// The head of every stream this path serves: the stream headers, chunked framing, and
-/// `connection: close` because this path serves one request per connection (a stream that
-/// ends at its age closes the socket; the client opens a new one).
-static STREAM_HEAD: LazyLock<Bytes> = LazyLock::new(|| {
-    let mut head = String::from("HTTP/1.1 200 OK\r\n");
-    for (name, value) in STREAM_HEADERS {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
-    Bytes::from(head)
-});
-
 /// What the first bytes of a connection turned out to be.
 pub enum Sniffed {
     /// `GET /sse/environments/{key}/stream` over HTTP/1.1, nothing else to serve.
-    Stream(Box<str>),
+    Stream(StreamRequest),
     /// Anything else: hyper serves it, starting with these bytes.
     Other(Bytes),
     /// Closed, failed or too slow before a request head arrived.
@@ -62,10 +55,20 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> Sniff
         }
     };
     match tokio::time::timeout(timeout, read_head).await {
-        Ok(Some(Decision::Stream(key))) => Sniffed::Stream(key),
+        Ok(Some(Decision::Stream(request))) => Sniffed::Stream(request),
         Ok(Some(Decision::Hyper)) => Sniffed::Other(Bytes::from(buffer)),
         Ok(Some(Decision::ReadMore) | None) | Err(_) => Sniffed::Gone,
     }
+}
+
+/// A plain HTTP/1.1 stream request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StreamRequest {
+    /// The environment key, not yet validated.
+    pub key: Box<str>,
+    /// The client did not say `Connection: close`: after a clean end at the stream's age
+    /// the connection stays open for its next request (HTTP/1.1's default).
+    pub keep_alive: bool,
 }
 
 /// What the bytes read so far make of a connection.
@@ -73,8 +76,8 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> Sniff
 enum Decision {
     /// The request head is not complete yet.
     ReadMore,
-    /// A plain HTTP/1.1 `GET` of a stream, for this key (not yet validated).
-    Stream(Box<str>),
+    /// A plain HTTP/1.1 `GET` of a stream.
+    Stream(StreamRequest),
     /// Anything else, for hyper to serve.
     Hyper,
 }
@@ -97,14 +100,24 @@ fn decide(buffer: &[u8]) -> Decision {
             || h.name.eq_ignore_ascii_case("upgrade")
             || h.name.eq_ignore_ascii_case("expect"))
     });
+    let keep_alive = !request.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && h.value
+                .split(|&b| b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    });
     match route(request.path.unwrap_or("")) {
-        Some(Route::Stream(key)) if plain => Decision::Stream(Box::from(key)),
+        Some(Route::Stream(key)) if plain => Decision::Stream(StreamRequest {
+            key: Box::from(key),
+            keep_alive,
+        }),
         _ => Decision::Hyper,
     }
 }
 
 /// Serves one event stream on `io` until the client leaves, a write fails or times out,
-/// or the hub closes for shutdown (then the chunked body is ended properly).
+/// or the hub closes for shutdown (then the chunked body is ended properly). The task
+/// writes every event itself: the path of sockets the fan-out cannot write directly (TLS).
 pub async fn serve_stream<I>(mut io: I, state: Arc<AppState>, key: &str, write_timeout: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
@@ -143,7 +156,7 @@ where
         let Some(outgoing) = outgoing else {
             // Its age, or shutdown: end the chunked body after the last whole event, so the
             // client sees a clean end and reconnects.
-            let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(b"0\r\n\r\n")).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(TERMINATOR)).await;
             let _ = io.shutdown().await;
             return;
         };
@@ -161,6 +174,256 @@ where
             }
         }
     }
+}
+
+/// Serves one event stream on a plain TCP socket, written directly by the fan-out (see
+/// `fanout`): this task writes the head and the event sent on connect, then only what the
+/// fan-out hands back (a socket that would block), keep-alives, and the end. It wakes for
+/// those, for its timer and for the client leaving, never for an ordinary delivery.
+///
+/// Returns the socket when the stream ended cleanly at its age and the client asked to
+/// keep the connection: its next request is read from it (clients that reuse connections
+/// skip a TCP handshake per reopen).
+pub async fn serve_direct(
+    mut tcp: TcpStream,
+    state: Arc<AppState>,
+    request: &StreamRequest,
+    write_timeout: Duration,
+) -> Option<TcpStream> {
+    let mut subscriber = match state.open_stream(&request.key, Transport::Http1Raw, None) {
+        Ok(subscriber) => subscriber,
+        Err(err) => {
+            // Boxed, like every rare step here: a stream's task is as large as its largest
+            // state, and it lives as long as the subscriber.
+            Box::pin(async move {
+                state.delay_refusal().await;
+                refuse(tcp, err).await;
+            })
+            .await;
+            return None;
+        }
+    };
+    let head = if request.keep_alive {
+        &STREAM_HEAD_KEEP_ALIVE
+    } else {
+        &STREAM_HEAD
+    };
+    if !matches!(
+        Box::pin(tokio::time::timeout(write_timeout, tcp.write_all(head))).await,
+        Ok(Ok(()))
+    ) {
+        return None;
+    }
+    let link = Arc::new(Link::new(
+        tcp,
+        subscriber.connected_at(),
+        subscriber.metrics().clone(),
+    ));
+    let attached = state.hub().attach(&request.key, link.clone());
+    drop(state);
+    let ended = match attached {
+        Some(_attached) => stream_direct(&mut subscriber, &link, write_timeout).await,
+        None => Ended::Stop,
+    };
+    let reusable = ended == Ended::Age && request.keep_alive;
+    if !Box::pin(end_direct(&link, ended != Ended::Gone, reusable)).await {
+        return None;
+    }
+    // Detached above: this task holds the only reference.
+    Arc::try_unwrap(link).ok().map(|link| link.socket)
+}
+
+/// How a directly written stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// At its age: cleanly, and the connection may serve another request.
+    Age,
+    /// Shutdown (drain or close): cleanly, and the connection closes.
+    Stop,
+    /// The client left or a write failed: nothing more to write.
+    Gone,
+}
+
+async fn stream_direct(subscriber: &mut Subscriber, link: &Link, write_timeout: Duration) -> Ended {
+    loop {
+        match Box::pin(catch_up(subscriber, link, write_timeout)).await {
+            CaughtUp::Direct => {}
+            CaughtUp::End => return Ended::Stop,
+            CaughtUp::Failed(message) => {
+                subscriber.write_failed(message);
+                return Ended::Gone;
+            }
+        }
+        // Polled in place rather than through `select!` over futures: this is where an idle
+        // subscriber waits, and every future kept here would be memory per subscriber.
+        let woke = std::future::poll_fn(|cx| {
+            if link.poll_woken(cx).is_ready() {
+                return Poll::Ready(Wake::Handed);
+            }
+            if let Poll::Ready(ready) = link.socket.poll_read_ready(cx) {
+                return Poll::Ready(Wake::Readable(ready));
+            }
+            if subscriber.timer().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            Poll::Pending
+        })
+        .await;
+        match woke {
+            Wake::Handed => {}
+            Wake::Readable(ready) => {
+                // Clients send nothing more; reading only tells us when they leave.
+                let mut probe = [0u8; 32];
+                match ready.and_then(|()| link.socket.try_read(&mut probe)) {
+                    Ok(0) => return Ended::Gone,
+                    Ok(_) => {}
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        // A reset, not a clean close: whatever was in flight was lost.
+                        if let Some(message) = link.lock().last_message {
+                            subscriber.write_failed(message);
+                        }
+                        return Ended::Gone;
+                    }
+                }
+            }
+            Wake::Timer => {
+                let wrote_at = link.lock().wrote_at;
+                let seen = subscriber.seen();
+                subscriber.sent_elsewhere(seen, wrote_at);
+                match subscriber.timer_fired() {
+                    Timed::End if subscriber.leaving() => return Ended::Stop,
+                    Timed::End => return Ended::Age,
+                    Timed::Keepalive => keepalive(subscriber, link),
+                    Timed::Nothing => {}
+                }
+            }
+        }
+    }
+}
+
+/// What woke a waiting direct stream.
+enum Wake {
+    /// The fan-out handed it the socket, or the hub began draining or closed.
+    Handed,
+    /// The client sent something or left.
+    Readable(io::Result<()>),
+    /// Its timer: keep-alive, age, or its moment in the drain window.
+    Timer,
+}
+
+/// How a catch-up ended.
+enum CaughtUp {
+    /// Nothing newer to send: the fan-out writes the socket again.
+    Direct,
+    /// The stream ends (its moment in the drain window, or the hub closed).
+    End,
+    /// A write failed or timed out; it was this kind.
+    Failed(WriteKind),
+}
+
+/// Writes, as this socket's only writer, what the fan-out left (the rest of a partial
+/// write) and then the newest event not yet sent, until nothing is left; then gives the
+/// socket back to the fan-out, deciding under its lock (see `fanout`).
+async fn catch_up(subscriber: &mut Subscriber, link: &Link, write_timeout: Duration) -> CaughtUp {
+    loop {
+        let (bytes, outgoing) = {
+            let mut state = link.lock();
+            if state.mode == Mode::Closed {
+                return CaughtUp::End;
+            }
+            if !state.pending.is_empty() {
+                let kind = state.last_message.unwrap_or(WriteKind::Data);
+                (std::mem::take(&mut state.pending), Err(kind))
+            } else {
+                subscriber.sent_elsewhere(state.seen, state.wrote_at);
+                match subscriber.newer() {
+                    Some(outgoing) => {
+                        state.mode = Mode::Task;
+                        state.seen = subscriber.seen();
+                        let bytes = match &outgoing {
+                            Outgoing::Event { bytes, .. } => bytes.clone(),
+                            Outgoing::Keepalive => KEEPALIVE_CHUNK,
+                        };
+                        (bytes, Ok(outgoing))
+                    }
+                    None if subscriber.hub_closed() => {
+                        state.mode = Mode::Closed;
+                        return CaughtUp::End;
+                    }
+                    None => {
+                        state.mode = Mode::Direct;
+                        return CaughtUp::Direct;
+                    }
+                }
+            }
+        };
+        let kind = match &outgoing {
+            Ok(outgoing) => outgoing.message(),
+            Err(kind) => *kind,
+        };
+        if !fanout::write_all_within(&link.socket, &bytes, write_timeout).await {
+            // A failed write, or a client that stopped reading for the whole timeout.
+            return CaughtUp::Failed(kind);
+        }
+        let mut state = link.lock();
+        state.wrote_at = tokio::time::Instant::now();
+        state.last_message = Some(kind);
+        drop(state);
+        if let Ok(outgoing) = outgoing {
+            subscriber.wrote(&outgoing);
+        }
+    }
+}
+
+/// A keep-alive on a socket the fan-out may write: under its lock, whole or handed to the
+/// task (which then writes the rest, or times out on a client that stopped reading).
+fn keepalive(subscriber: &Subscriber, link: &Link) {
+    let mut state = link.lock();
+    if state.mode != Mode::Direct {
+        return;
+    }
+    let written = match link.socket.try_write(&KEEPALIVE_CHUNK) {
+        Ok(written) => written,
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(_) => {
+            // Its task finds the failure when it writes.
+            state.mode = Mode::Task;
+            drop(state);
+            return link.wake();
+        }
+    };
+    state.last_message = Some(WriteKind::Keepalive);
+    if written > 0 {
+        state.wrote_at = tokio::time::Instant::now();
+        subscriber.metrics().http_write(WriteKind::Keepalive);
+    }
+    if written < KEEPALIVE_CHUNK.len() {
+        state.pending = KEEPALIVE_CHUNK.slice(written..);
+        state.mode = Mode::Task;
+        drop(state);
+        link.wake();
+    }
+}
+
+/// Ends a directly written stream after its last whole event: nobody writes after the
+/// terminator (when `clean`), so the client sees a clean end and reconnects. Returns
+/// whether the connection stays open for another request (`keep`, and all was written).
+async fn end_direct(link: &Link, clean: bool, keep: bool) -> bool {
+    let pending = {
+        let mut state = link.lock();
+        state.mode = Mode::Closed;
+        std::mem::take(&mut state.pending)
+    };
+    let budget = Duration::from_secs(1);
+    let ended = clean
+        && fanout::write_all_within(&link.socket, &pending, budget).await
+        && fanout::write_all_within(&link.socket, TERMINATOR, budget).await;
+    if ended && keep {
+        return true;
+    }
+    let _ = socket2::SockRef::from(&link.socket).shutdown(std::net::Shutdown::Write);
+    false
 }
 
 /// Answers with `err`'s response (the same status, headers and JSON body hyper would
@@ -181,9 +444,9 @@ fn error_response_bytes(err: ApiError) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     let length = body.len();
-    let tail = format!(
-        "access-control-allow-origin: *\r\nconnection: close\r\ncontent-length: {length}\r\n\r\n{body}"
-    );
+    let (cors, origin) = ALLOW_ORIGIN;
+    let tail =
+        format!("{cors}: {origin}\r\nconnection: close\r\ncontent-length: {length}\r\n\r\n{body}");
     out.extend_from_slice(tail.as_bytes());
     out
 }
@@ -267,8 +530,24 @@ mod tests {
         ] {
             assert_eq!(
                 decided(stream),
-                Decision::Stream("abc".into()),
+                Decision::Stream(StreamRequest {
+                    key: "abc".into(),
+                    keep_alive: true
+                }),
                 "{stream:?}"
+            );
+        }
+        for closing in [
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nconnection: TE, Close\r\n\r\n",
+        ] {
+            assert_eq!(
+                decided(closing),
+                Decision::Stream(StreamRequest {
+                    key: "abc".into(),
+                    keep_alive: false
+                }),
+                "{closing:?}"
             );
         }
         assert_eq!(
@@ -328,3 +607,6 @@ mod tests {
         assert_eq!(out, "hello world");
     }
 }
+
+#[cfg(test)]
+mod direct_tests;

@@ -18,9 +18,10 @@ use crate::environment::validate_key;
 use crate::error::{ApiError, Body, MAX_BODY_BYTES, full};
 use crate::metrics::{Gauges, LastWrite, WriteKind};
 use crate::routes::{Route, route};
-use crate::sse::{STREAM_HEADERS, Transport, event_stream};
+use crate::sse::{Transport, event_stream};
 use crate::state::AppState;
 use crate::timestamp::Timestamp;
+use crate::wire::{ALLOW_ORIGIN, STREAM_HEADERS};
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     full(status, "application/json", value.to_string())
@@ -94,10 +95,10 @@ where
 
 /// Every origin may read every endpoint: SDKs run in browsers on customers' domains.
 fn with_cors(mut response: Response<Body>) -> Response<Body> {
-    response.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
+    let (name, value) = ALLOW_ORIGIN;
+    response
+        .headers_mut()
+        .insert(name, HeaderValue::from_static(value));
     response
 }
 

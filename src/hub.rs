@@ -6,15 +6,22 @@
 //! queue and never delays the others: when it next looks, it sees the newest event and
 //! skips the ones it missed. Sending wakes every subscriber once; each clones the same
 //! `Bytes` (a reference count), so an update is encoded once whatever the audience.
+//!
+//! Plain HTTP/1.1 stream sockets are not woken at all: they sit in the environment's
+//! `Audience` (`fanout`), and an update is written to them by one pass per worker thread
+//! (see `fanout` for how a socket that would block goes back to its own task).
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::fanout::{Audience, Delivery, Link, Place};
 use crate::timestamp::Timestamp;
+use crate::wire::Encoded;
 
 /// One stored update, as the broker delivered it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,16 +51,11 @@ pub struct Latest {
 
 impl Latest {
     fn new(update: Update) -> Self {
-        let event = encode_event(update.timestamp);
-        let mut framed = format!("{:x}\r\n", event.len()).into_bytes();
-        let start = framed.len();
-        framed.extend_from_slice(event.as_bytes());
-        framed.extend_from_slice(b"\r\n");
-        let chunk = Bytes::from(framed);
+        let Encoded { chunk, event } = Encoded::new(update.timestamp);
         Self {
             update: Some(update),
-            event: chunk.slice(start..chunk.len() - 2),
             chunk,
+            event,
             draining: false,
         }
     }
@@ -83,11 +85,6 @@ fn is_fresh(stored_at: SystemTime, now: SystemTime, retention: Duration) -> bool
         .map_or(true, |age| age <= retention)
 }
 
-/// The bytes of one `environment_updated` event, in the exact shape SDKs parse.
-pub fn encode_event(timestamp: Timestamp) -> String {
-    format!("event: environment_updated\ndata: {{\"updated_at\": {timestamp}}}\n\n")
-}
-
 pub type Subscription = watch::Receiver<Latest>;
 
 #[derive(Debug)]
@@ -98,7 +95,86 @@ pub struct Hub {
 
 /// One environment's channel. Shared out of the map so that waking its subscribers (which
 /// can be hundreds of thousands) happens without holding the map's lock.
-type Slot = Arc<watch::Sender<Latest>>;
+type Slot = Arc<Channel>;
+
+/// One environment: the newest update for subscribers that look when woken, and the
+/// sockets written directly.
+#[derive(Debug)]
+pub struct Channel {
+    sender: watch::Sender<Latest>,
+    audience: Arc<Audience>,
+}
+
+impl Channel {
+    fn new(latest: Latest) -> Self {
+        Self {
+            sender: watch::Sender::new(latest),
+            audience: Arc::new(Audience::new(Audience::shards_for_runtime())),
+        }
+    }
+
+    /// Starts a pass over every shard that holds sockets and has none running.
+    fn fan_out(self: &Arc<Self>, retention: Duration) {
+        for shard in 0..self.audience.shard_count() {
+            if self.audience.request_pass(shard) {
+                let channel = self.clone();
+                // Sockets exist only inside a runtime, so a shard with sockets has one.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move { channel.pass(shard, retention).await });
+                }
+            }
+        }
+    }
+
+    /// Writes the newest update to one shard's sockets, again while newer ones arrive.
+    async fn pass(&self, shard: usize, retention: Duration) {
+        loop {
+            let delivery = {
+                let latest = self.sender.borrow();
+                latest
+                    .update
+                    .filter(|u| is_fresh(u.stored_at, SystemTime::now(), retention))
+                    .map(|u| Delivery {
+                        timestamp: u.timestamp,
+                        stored_at: u.stored_at,
+                        chunk: latest.chunk.clone(),
+                    })
+            };
+            if let Some(delivery) = delivery {
+                let mut from = 0;
+                while let Some(next) = self.audience.write_batch(shard, from, &delivery) {
+                    from = next;
+                    tokio::task::yield_now().await;
+                }
+            }
+            if !self.audience.finish_pass(shard) {
+                return;
+            }
+        }
+    }
+}
+
+/// The channel reads as its `watch` sender, as it did before sockets were written directly.
+impl Deref for Channel {
+    type Target = watch::Sender<Latest>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.sender
+    }
+}
+
+/// A socket's registration in its environment's audience; dropping it removes the socket.
+#[derive(Debug)]
+pub struct Attached {
+    audience: Arc<Audience>,
+    place: Place,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.audience.detach(self.place);
+    }
+}
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -135,12 +211,26 @@ impl Hub {
         if let Some(sender) = inner.environments.get(key) {
             return Some(sender.subscribe());
         }
-        let (sender, receiver) = watch::channel(Latest {
+        let channel = Channel::new(Latest {
             draining: inner.draining,
             ..Latest::default()
         });
-        inner.environments.insert(key.into(), Arc::new(sender));
+        let receiver = channel.subscribe();
+        inner.environments.insert(key.into(), Arc::new(channel));
         Some(receiver)
+    }
+
+    /// Registers `link` (a subscriber of `key`, which must hold a subscription) with the
+    /// direct fan-out; `None` once the hub is closed.
+    pub fn attach(&self, key: &str, link: Arc<Link>) -> Option<Attached> {
+        let inner = self.lock();
+        if inner.closed {
+            return None;
+        }
+        let audience = inner.environments.get(key)?.audience.clone();
+        drop(inner);
+        let place = audience.attach(link);
+        Some(Attached { audience, place })
     }
 
     /// Records `update` for `key` if it is newer than what the hub holds, and wakes that
@@ -155,18 +245,18 @@ impl Hub {
             match inner.environments.get(key) {
                 Some(slot) => slot.clone(),
                 None => {
-                    let (sender, _) = watch::channel(Latest {
+                    let channel = Channel::new(Latest {
                         draining: inner.draining,
                         ..Latest::new(update)
                     });
-                    inner.environments.insert(key.into(), Arc::new(sender));
+                    inner.environments.insert(key.into(), Arc::new(channel));
                     return true;
                 }
             }
         };
         // `sweep` leaves a slot alone while we hold this clone, so the update cannot land in
         // a channel that was just dropped from the map.
-        slot.send_if_modified(|latest| {
+        let newer = slot.send_if_modified(|latest| {
             let newer = latest
                 .update
                 .is_none_or(|current| update.timestamp > current.timestamp);
@@ -177,7 +267,13 @@ impl Hub {
                 };
             }
             newer
-        })
+        });
+        // After the channel holds it: a socket's task that returns to the fan-out checks
+        // the channel first, so it either sees this update or a pass writes it.
+        if newer {
+            slot.fan_out(self.retention);
+        }
+        newer
     }
 
     /// The newest update the hub holds for `key`, fresh or not.
@@ -214,14 +310,28 @@ impl Hub {
         };
         for slot in slots {
             slot.send_modify(|latest| latest.draining = true);
+            slot.audience.wake_all();
         }
     }
 
     /// Ends every subscription (their streams see the channel close) and refuses new ones.
     pub fn close(&self) {
-        let mut inner = self.lock();
-        inner.closed = true;
-        inner.environments.clear();
+        let slots: Vec<Slot> = {
+            let mut inner = self.lock();
+            inner.closed = true;
+            inner.environments.drain().map(|(_, slot)| slot).collect()
+        };
+        let audiences: Vec<Arc<Audience>> =
+            slots.iter().map(|slot| slot.audience.clone()).collect();
+        drop(slots);
+        for audience in audiences {
+            audience.wake_all();
+        }
+    }
+
+    /// Whether `close` has run: directly written streams check it when woken.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Environments that have at least one subscriber here.

@@ -205,10 +205,17 @@ async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + StreamSocket + Unpin + Send + 'static,
 {
-    match h1_stream::sniff(&mut io, timeouts.header_read).await {
-        Sniffed::Stream(key) => {
+    // Boxed: the sniffing state (a buffer and a timer) would otherwise size every
+    // stream's task for its whole life.
+    match Box::pin(h1_stream::sniff(&mut io, timeouts.header_read)).await {
+        Sniffed::Stream(request) => {
             io.limit_send_buffer();
-            h1_stream::serve_stream(io, state, &key, timeouts.stream_write).await;
+            match io.into_tcp() {
+                Ok(tcp) => serve_plain(tcp, request, state, builder, closing, timeouts).await,
+                Err(io) => {
+                    h1_stream::serve_stream(io, state, &request.key, timeouts.stream_write).await;
+                }
+            }
         }
         Sniffed::Other(head) => {
             Box::pin(serve_hyper(
@@ -220,6 +227,39 @@ async fn serve_connection<I>(
             .await;
         }
         Sniffed::Gone => {}
+    }
+}
+
+/// Serves streams on a plain TCP connection, one after another while the client keeps the
+/// connection after each clean end; a request of another kind goes to hyper.
+async fn serve_plain(
+    mut tcp: tokio::net::TcpStream,
+    mut request: h1_stream::StreamRequest,
+    state: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    closing: CancellationToken,
+    timeouts: Timeouts,
+) {
+    loop {
+        let Some(kept) =
+            h1_stream::serve_direct(tcp, state.clone(), &request, timeouts.stream_write).await
+        else {
+            return;
+        };
+        tcp = kept;
+        match Box::pin(h1_stream::sniff(&mut tcp, timeouts.header_read)).await {
+            Sniffed::Stream(next) => request = next,
+            Sniffed::Other(head) => {
+                return Box::pin(serve_hyper(
+                    Prefixed::new(head, tcp),
+                    state,
+                    builder,
+                    closing,
+                ))
+                .await;
+            }
+            Sniffed::Gone => return,
+        }
     }
 }
 
@@ -270,20 +310,30 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Sockets whose kernel send buffer a stream caps (see `STREAM_SEND_BUFFER`).
-pub trait StreamSocket {
+/// Sockets whose kernel send buffer a stream caps (see `STREAM_SEND_BUFFER`), and which
+/// the fan-out may write directly (plain TCP; TLS records are its task's to write).
+pub trait StreamSocket: Sized {
     fn limit_send_buffer(&self);
+    fn into_tcp(self) -> Result<tokio::net::TcpStream, Self>;
 }
 
 impl StreamSocket for tokio::net::TcpStream {
     fn limit_send_buffer(&self) {
         let _ = socket2::SockRef::from(self).set_send_buffer_size(STREAM_SEND_BUFFER);
     }
+
+    fn into_tcp(self) -> Result<tokio::net::TcpStream, Self> {
+        Ok(self)
+    }
 }
 
 impl StreamSocket for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     fn limit_send_buffer(&self) {
         self.get_ref().0.limit_send_buffer();
+    }
+
+    fn into_tcp(self) -> Result<tokio::net::TcpStream, Self> {
+        Err(self)
     }
 }
 

@@ -19,17 +19,7 @@ use crate::hub::{Hub, Subscription};
 use crate::metrics::{LastWrite, Metrics, WriteKind};
 use crate::spread::scatter;
 use crate::timestamp::Timestamp;
-
-/// The response headers of every stream, whoever writes them. `text/event-stream` because
-/// OkHttp (Android) rejects any other type; `X-Accel-Buffering: no` because nginx buffers
-/// responses unless told not to, which would hold events back; every origin may read it,
-/// since SDKs run in browsers on customers' domains.
-pub const STREAM_HEADERS: [(&str, &str); 4] = [
-    ("content-type", "text/event-stream"),
-    ("cache-control", "no-cache"),
-    ("x-accel-buffering", "no"),
-    ("access-control-allow-origin", "*"),
-];
+use crate::wire::KEEPALIVE;
 
 /// How subscribers behave, from `Config`.
 #[derive(Clone, Copy, Debug)]
@@ -57,12 +47,6 @@ pub struct StreamContext {
 #[derive(Debug, Error)]
 #[error("this instance holds its maximum of subscribers")]
 pub struct AtCapacity;
-
-/// A comment line: SSE parsers ignore it, proxies and NAT gateways see traffic. The blank
-/// line ends it as its own block, so no parser glues it to the next event.
-pub const KEEPALIVE: Bytes = Bytes::from_static(b": keepalive\n\n");
-/// The same comment as an HTTP/1.1 chunk.
-pub const KEEPALIVE_CHUNK: Bytes = Bytes::from_static(b"d\r\n: keepalive\n\n\r\n");
 
 /// How a subscriber's bytes reach its client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,72 +201,136 @@ impl Subscriber {
     /// Cancel-safe: dropping the future loses nothing.
     pub async fn next(&mut self) -> Option<Outgoing> {
         loop {
-            let (newer, draining) = {
-                let now = SystemTime::now();
-                let latest = self.subscription.borrow_and_update();
-                let newer = latest
-                    .newer_than(self.seen, now, self.context.hub.retention())
-                    .map(|timestamp| {
-                        let latency = latest
-                            .update
-                            .map(|u| u.stored_at)
-                            .filter(|at| *at >= self.connected_at)
-                            .map(|at| now.duration_since(at).unwrap_or_default());
-                        // One reference-count increment: only the framing this
-                        // transport writes.
-                        let bytes = match self.transport {
-                            Transport::Http1Raw => latest.chunk.clone(),
-                            Transport::Http1 | Transport::Http2 => latest.event.clone(),
-                        };
-                        (timestamp, bytes, latency)
-                    });
-                (newer, latest.draining)
-            };
-            if draining && self.leave_at.is_none() {
-                let leave_at = Instant::now() + self.drain_delay();
-                self.leave_at = Some(leave_at);
-                if leave_at < self.timer.deadline() {
-                    self.timer.as_mut().reset(leave_at);
-                }
-            }
-            if let Some((timestamp, bytes, latency)) = newer {
-                self.seen = Some(timestamp);
-                self.wrote_at = Instant::now();
-                return Some(Outgoing::Event { bytes, latency });
+            if let Some(event) = self.newer() {
+                return Some(event);
             }
             tokio::select! {
                 changed = self.subscription.changed() => {
                     changed.ok()?;
                 }
                 () = self.timer.as_mut() => {
-                    let now = Instant::now();
-                    if self.leave_at.is_some_and(|at| now >= at) {
-                        return None;
-                    }
-                    if self.old_at.is_some_and(|at| now >= at) {
-                        self.context.metrics.stream_reached_max_age();
-                        return None;
-                    }
-                    let keepalive = self.context.settings.keepalive;
-                    let due = self.wrote_at + keepalive;
-                    let next = if now >= due {
-                        self.wrote_at = now;
-                        now + keepalive
-                    } else {
-                        due
-                    };
-                    let next = [self.leave_at, self.old_at]
-                        .into_iter()
-                        .flatten()
-                        .fold(next, Instant::min);
-                    self.timer.as_mut().reset(next);
-                    if now >= due {
-                        return Some(Outgoing::Keepalive);
+                    match self.timer_fired() {
+                        Timed::End => return None,
+                        Timed::Keepalive => return Some(Outgoing::Keepalive),
+                        Timed::Nothing => {}
                     }
                 }
             }
         }
     }
+
+    /// The newest event if this stream has not sent it (marking it sent), and notes a drain
+    /// that began. Looks without waiting.
+    pub fn newer(&mut self) -> Option<Outgoing> {
+        let (newer, draining) = {
+            let now = SystemTime::now();
+            let latest = self.subscription.borrow_and_update();
+            let newer = latest
+                .newer_than(self.seen, now, self.context.hub.retention())
+                .map(|timestamp| {
+                    let latency = latest
+                        .update
+                        .map(|u| u.stored_at)
+                        .filter(|at| *at >= self.connected_at)
+                        .map(|at| now.duration_since(at).unwrap_or_default());
+                    // One reference-count increment: only the framing this
+                    // transport writes.
+                    let bytes = match self.transport {
+                        Transport::Http1Raw => latest.chunk.clone(),
+                        Transport::Http1 | Transport::Http2 => latest.event.clone(),
+                    };
+                    (timestamp, bytes, latency)
+                });
+            (newer, latest.draining)
+        };
+        if draining && self.leave_at.is_none() {
+            let leave_at = Instant::now() + self.drain_delay();
+            self.leave_at = Some(leave_at);
+            if leave_at < self.timer.deadline() {
+                self.timer.as_mut().reset(leave_at);
+            }
+        }
+        let (timestamp, bytes, latency) = newer?;
+        self.seen = Some(timestamp);
+        self.wrote_at = Instant::now();
+        Some(Outgoing::Event { bytes, latency })
+    }
+
+    /// The stream's timer: keep-alive, age, or its moment in the drain window.
+    pub fn timer(&mut self) -> Pin<&mut Sleep> {
+        self.timer.as_mut()
+    }
+
+    /// What the timer firing means; re-arms it.
+    pub fn timer_fired(&mut self) -> Timed {
+        let now = Instant::now();
+        if self.leave_at.is_some_and(|at| now >= at) {
+            return Timed::End;
+        }
+        if self.old_at.is_some_and(|at| now >= at) {
+            self.context.metrics.stream_reached_max_age();
+            return Timed::End;
+        }
+        let keepalive = self.context.settings.keepalive;
+        let due = self.wrote_at + keepalive;
+        let next = if now >= due {
+            self.wrote_at = now;
+            now + keepalive
+        } else {
+            due
+        };
+        let next = [self.leave_at, self.old_at]
+            .into_iter()
+            .flatten()
+            .fold(next, Instant::min);
+        self.timer.as_mut().reset(next);
+        if now >= due {
+            Timed::Keepalive
+        } else {
+            Timed::Nothing
+        }
+    }
+
+    /// The newest timestamp this stream sent, and the same set by another writer of its
+    /// socket (the direct fan-out), which also moves the keep-alive's silence.
+    pub fn seen(&self) -> Option<Timestamp> {
+        self.seen
+    }
+
+    pub fn sent_elsewhere(&mut self, seen: Option<Timestamp>, wrote_at: Instant) {
+        self.seen = seen;
+        self.wrote_at = self.wrote_at.max(wrote_at);
+    }
+
+    /// When this stream connected, wall clock.
+    pub fn connected_at(&self) -> SystemTime {
+        self.connected_at
+    }
+
+    /// Shutdown began and this stream has its moment to leave.
+    pub fn leaving(&self) -> bool {
+        self.leave_at.is_some()
+    }
+
+    /// The hub closed for shutdown: the stream ends.
+    pub fn hub_closed(&self) -> bool {
+        self.subscription.has_changed().is_err() || self.context.hub.is_closed()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.context.metrics
+    }
+}
+
+/// What a stream's timer firing means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Timed {
+    /// Its age or its moment in the drain window: end it.
+    End,
+    /// It has been silent for the keep-alive interval.
+    Keepalive,
+    /// Neither yet (the timer fired early, as it is re-armed only when it fires).
+    Nothing,
 }
 
 /// `age` give or take 10 %, so that clients that connected together (a deploy, a network

@@ -105,3 +105,21 @@ async fn reconnect_storm_and_publish_load_report_counts() {
     assert!(requests > 0, "{load:#}");
     assert_eq!(load["statuses"]["200"].as_u64(), Some(requests), "{load:#}");
 }
+
+/// The broker floor makes real conditional writes: every one acknowledged, none refused (each
+/// writer follows its own subject's sequence).
+#[test]
+fn broker_floor_makes_acknowledged_conditional_writes() {
+    let nats = Nats::start();
+    let report = bench(&[
+        "broker-floor".to_owned(),
+        format!("--nats={}", nats.url()),
+        "--concurrency=4".to_owned(),
+        "--duration-s=1".to_owned(),
+    ]);
+    assert!(
+        report["acknowledged"].as_u64().expect("count") > 0,
+        "{report}"
+    );
+    assert_eq!(report["refused"], 0, "{report}");
+}

@@ -72,3 +72,14 @@ current_nats() {
   fi
   echo "$PWD/$dir/nats-server"
 }
+
+# Prints the path of Debian's nginx with the nchan module (the benchmark's peer),
+# installing both if missing.
+debian_nginx_nchan() {
+  if [ ! -x /usr/sbin/nginx ] || [ ! -f /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
+    echo "installing Debian's nginx and libnginx-mod-nchan" >&2
+    as_root apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends nginx libnginx-mod-nchan >&2
+  fi
+  echo /usr/sbin/nginx
+}

@@ -349,6 +349,11 @@ async fn h1_stream(
         shared.borrow_mut().report.connected += 1;
         let _ = done.send(1);
     }
+    // The service frames its body in chunks; a peer (nginx+nchan) may instead send it bare
+    // until the connection closes.
+    let is_chunked = String::from_utf8_lossy(&head[..body_start])
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
     let mut chunked = Chunked::default();
     let mut events = Events::default();
     let since = (args.since_micros, args.t0_micros);
@@ -358,11 +363,17 @@ async fn h1_stream(
     let mut feed = |bytes: &[u8], first: &mut bool| {
         let received = now_micros();
         let mut s = shared.borrow_mut();
-        chunked.feed(bytes, |data| {
+        let mut record = |data: &[u8]| {
             events.feed(data, |updated_at| {
                 s.record(local, updated_at, received, since, first)
             });
-        })
+        };
+        if is_chunked {
+            chunked.feed(bytes, record)
+        } else {
+            record(bytes);
+            true
+        }
     };
     let mut open = feed(&rest, first);
     while open {
