@@ -146,12 +146,10 @@ impl Client {
                 .strip_prefix("event: environment_updated\ndata: {\"updated_at\": ")
                 .and_then(|rest| rest.strip_suffix("}\n\n"))
                 .unwrap_or_else(|| panic!("a whole event, got {chunk:?}"));
-            let (secs, frac) = value.split_once('.').expect("decimal point");
-            let frac = format!("{frac:0<6}");
-            return Some(
-                secs.parse::<i64>().expect("secs") * 1_000_000
-                    + frac.parse::<i64>().expect("micros"),
-            );
+            // The text is a float at or just below the exact instant: the nearest
+            // microsecond is the instant.
+            let seconds: f64 = value.parse().expect("a JSON number");
+            return Some((seconds * 1e6).round() as i64);
         }
     }
 
