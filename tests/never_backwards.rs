@@ -39,8 +39,17 @@ impl Backend {
     fn redis() -> Backend {
         let redis = Redis::start();
         let reply = redis.cli(&[
-            "ACL", "SETUSER", "blind", "on", ">blindpw", "~*", "&*", "+@all", "-xread",
-            "-xrevrange", "-hgetall",
+            "ACL",
+            "SETUSER",
+            "blind",
+            "on",
+            ">blindpw",
+            "~*",
+            "&*",
+            "+@all",
+            "-xread",
+            "-xrevrange",
+            "-hgetall",
         ]);
         assert_eq!(reply.trim(), "OK");
         Backend::Redis(redis)
