@@ -11,14 +11,13 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 const KEY: &str = "n9fbf9h3v4fFgH3U3ngWhb";
 
 enum Backend {
-    Nats(Nats, tempfile::TempDir),
+    /// The server, and the directory that holds its configuration file.
+    Nats(Nats, #[allow(dead_code)] tempfile::TempDir),
     Redis(Redis),
 }
 
