@@ -75,7 +75,7 @@ mod tests {
         );
         assert_eq!(
             broker.publish("k", at(2)).await.ok(),
-            Some(Published::Duplicate { sequence: 1 })
+            Some(Published::Duplicate { sequence: Some(1) })
         );
         assert_eq!(
             broker.publish("k", at(1)).await.ok(),
