@@ -358,6 +358,22 @@ mod tests {
         assert_eq!(Cause::of(&io(Other, "weird")), Cause::Other);
     }
 
+    /// The words logged as `cause`, which operators search for.
+    #[test]
+    fn cause_labels() {
+        for (cause, label) in [
+            (Cause::Authentication, "authentication"),
+            (Cause::Tls, "tls"),
+            (Cause::Dns, "dns"),
+            (Cause::Refused, "refused"),
+            (Cause::Timeout, "timeout"),
+            (Cause::Lost, "connection lost"),
+            (Cause::Other, "other"),
+        ] {
+            assert_eq!(cause.label(), label);
+        }
+    }
+
     #[test]
     fn backoff_doubles_with_jitter_and_starts_over_after_a_healthy_while() {
         let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
