@@ -201,3 +201,24 @@ async fn the_redis_broker_reports_not_connected_while_redis_is_down() {
     svc.wait_metric(connected, 1.0).await;
     svc.wait_ready().await;
 }
+
+/// Writes that find the epoch the instance caught up with restart nothing: only a changed
+/// epoch (Redis lost its data) sends the reader back to reload and store back.
+#[tokio::test]
+async fn redis_writes_in_a_steady_epoch_restart_no_connection() {
+    let redis = Redis::start();
+    let svc = Service::start_redis(&redis.url(), &[]);
+    svc.wait_ready().await;
+    for n in 1..=5 {
+        assert_eq!(svc.publish("env", &format!("{n}.5")).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = get(svc.addr, "/metricsz").await.body;
+    assert_eq!(
+        metric(
+            &metrics,
+            "flagsmith_sse_broker_reconnects_total{broker=\"redis\"}"
+        ),
+        0.0
+    );
+}
