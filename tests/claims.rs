@@ -202,8 +202,9 @@ async fn the_redis_broker_reports_not_connected_while_redis_is_down() {
     svc.wait_ready().await;
 }
 
-/// Writes that find the epoch the instance caught up with restart nothing: only a changed
-/// epoch (Redis lost its data) sends the reader back to reload and store back.
+/// Writes, and the idle reader's checks, that find the epoch the instance caught up with
+/// restart nothing: only a changed epoch (Redis lost its data) sends the reader back to
+/// reload and store back.
 #[tokio::test]
 async fn redis_writes_in_a_steady_epoch_restart_no_connection() {
     let redis = Redis::start();
@@ -212,7 +213,8 @@ async fn redis_writes_in_a_steady_epoch_restart_no_connection() {
     for n in 1..=5 {
         assert_eq!(svc.publish("env", &format!("{n}.5")).await.status, 200);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Past two of the idle reader's epoch checks.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let metrics = get(svc.addr, "/metricsz").await.body;
     assert_eq!(
         metric(
