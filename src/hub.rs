@@ -27,8 +27,10 @@ use crate::wire::Encoded;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Update {
     pub timestamp: Timestamp,
-    /// The JetStream stream sequence of the message; the publisher uses it to make sure an
-    /// older timestamp never overwrites a newer one in the stream.
+    /// The backend's number for this write, growing with every write to it: JetStream's
+    /// stream sequence (the NATS publisher's conditional publish compares with it), the
+    /// Redis stream entry's id as one number, the memory broker's counter. 0 where the
+    /// backend gave none: an update loaded from the Redis hash, which keeps no id.
     pub sequence: u64,
     /// When the broker stored it; after the retention period it is no longer sent on connect.
     pub stored_at: SystemTime,
@@ -361,13 +363,10 @@ impl Hub {
             .collect()
     }
 
-    /// Environments held (with subscribers or a fresh update).
+    /// Environments held (with subscribers or a fresh update), for metrics and logs.
+    #[allow(clippy::len_without_is_empty)] // nothing asks whether it is empty
     pub fn len(&self) -> usize {
         self.lock().environments.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

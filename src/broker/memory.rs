@@ -75,12 +75,21 @@ mod tests {
         );
         assert_eq!(
             broker.publish("k", at(2)).await.ok(),
-            Some(Published::Duplicate { sequence: 1 })
+            Some(Published::Duplicate { sequence: Some(1) })
         );
         assert_eq!(
             broker.publish("k", at(1)).await.ok(),
             Some(Published::AlreadyCurrent { current: at(2) })
         );
         assert_eq!(hub.latest("k").map(|u| u.timestamp), Some(at(2)));
+    }
+
+    /// Always ready and connected (there is nothing to connect to), under its own label.
+    #[test]
+    fn always_ready_under_its_own_name() {
+        let broker = MemoryBroker::new(Arc::new(Hub::new(Duration::from_secs(1))));
+        assert!(broker.is_ready());
+        assert!(broker.is_connected());
+        assert_eq!(broker.name(), "memory");
     }
 }

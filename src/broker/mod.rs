@@ -46,10 +46,12 @@ pub trait Broker: Send + Sync + 'static {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Published {
-    /// Stored now, at this sequence (the backend's order of writes).
+    /// Stored now, at this number in the backend's order of writes (`Update::sequence`).
     Stored { sequence: u64 },
-    /// The same update was stored before (a retried POST); not stored twice.
-    Duplicate { sequence: u64 },
+    /// The same update was stored before (a retried POST); not stored twice. The number of
+    /// that earlier write where the backend says it: JetStream's duplicate answer does; the
+    /// Redis script answers with the value it holds, not its stream id.
+    Duplicate { sequence: Option<u64> },
     /// An equal or newer timestamp is already stored, so this one must not replace it.
     AlreadyCurrent { current: Timestamp },
 }
@@ -286,7 +288,7 @@ pub fn already_current(hub: &Hub, key: &str, timestamp: Timestamp) -> Option<Pub
     let current = hub.latest(key)?;
     (current.timestamp >= timestamp).then_some(if current.timestamp == timestamp {
         Published::Duplicate {
-            sequence: current.sequence,
+            sequence: (current.sequence != 0).then_some(current.sequence),
         }
     } else {
         Published::AlreadyCurrent {
@@ -354,6 +356,22 @@ mod tests {
         assert_eq!(Cause::of(&io(TimedOut, "timed out")), Cause::Timeout);
         assert_eq!(Cause::of(&io(Other, "broken pipe")), Cause::Lost);
         assert_eq!(Cause::of(&io(Other, "weird")), Cause::Other);
+    }
+
+    /// The words logged as `cause`, which operators search for.
+    #[test]
+    fn cause_labels() {
+        for (cause, label) in [
+            (Cause::Authentication, "authentication"),
+            (Cause::Tls, "tls"),
+            (Cause::Dns, "dns"),
+            (Cause::Refused, "refused"),
+            (Cause::Timeout, "timeout"),
+            (Cause::Lost, "connection lost"),
+            (Cause::Other, "other"),
+        ] {
+            assert_eq!(cause.label(), label);
+        }
     }
 
     #[test]

@@ -473,7 +473,7 @@ impl NatsBroker {
             match acked {
                 Ok(ack) if ack.duplicate => {
                     return Ok(Published::Duplicate {
-                        sequence: ack.sequence,
+                        sequence: Some(ack.sequence),
                     });
                 }
                 Ok(ack) => {

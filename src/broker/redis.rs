@@ -647,7 +647,7 @@ impl RedisBroker {
             PublishError::StoredUnreadable(crate::timestamp::TimestampError::Number)
         })?;
         Ok(if current == timestamp {
-            Published::Duplicate { sequence: 0 }
+            Published::Duplicate { sequence: None }
         } else {
             Published::AlreadyCurrent { current }
         })
