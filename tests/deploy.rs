@@ -14,14 +14,19 @@ fn file(path: &str) -> String {
         .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Every environment variable the binary reads, from its `--help`.
-fn settings() -> BTreeSet<String> {
+/// The binary's `--help`, with an empty environment.
+fn help() -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"))
         .arg("--help")
         .env_clear()
         .output()
         .expect("--help");
-    let help = String::from_utf8_lossy(&output.stdout);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Every environment variable the binary reads, from its `--help`.
+fn settings() -> BTreeSet<String> {
+    let help = help();
     let names: BTreeSet<String> = help
         .split("[env: ")
         .skip(1)
@@ -1061,12 +1066,7 @@ fn readme_commands_are_the_ones_ci_runs_and_cargo_run_works() {
 /// defaults the binary really has.
 #[test]
 fn the_deployment_guide_states_the_real_defaults() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"))
-        .arg("--help")
-        .env_clear()
-        .output()
-        .expect("--help");
-    let help = String::from_utf8_lossy(&output.stdout);
+    let help = help();
     let guide = file("docs/deployment.md");
     let mut checked = 0;
     for line in guide.lines() {
