@@ -362,7 +362,13 @@ impl Sse {
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
-        let request = stream_request(addr, key);
+        // Origin-form, as browsers and SDKs send it, so that the fast path serves it (an
+        // absolute URI is served by hyper).
+        let request = Request::get(format!("/sse/environments/{key}/stream"))
+            .header("host", addr.to_string())
+            .header("accept", "text/event-stream")
+            .body(Full::<Bytes>::default())
+            .expect("request");
         let response = sender.send_request(request).await.expect("stream request");
         Self::from_response(response, Box::new(sender), conn)
     }
