@@ -624,14 +624,10 @@ impl RedisBroker {
         }
         if waiting {
             self.wait_for_replicas(&mut connection, deadline).await?;
-            self.waiters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(connection);
-            self.waiters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .truncate(MAX_IDLE_WAITERS);
+            let mut idle = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < MAX_IDLE_WAITERS {
+                idle.push(connection);
+            }
         }
         if status == 1 {
             let entry = StreamEntry {

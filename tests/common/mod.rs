@@ -364,11 +364,7 @@ impl Sse {
         });
         // Origin-form, as browsers and SDKs send it, so that the fast path serves it (an
         // absolute URI is served by hyper).
-        let request = Request::get(format!("/sse/environments/{key}/stream"))
-            .header("host", addr.to_string())
-            .header("accept", "text/event-stream")
-            .body(Full::<Bytes>::default())
-            .expect("request");
+        let request = stream_request(addr, key, "");
         let response = sender.send_request(request).await.expect("stream request");
         Self::from_response(response, Box::new(sender), conn)
     }
@@ -390,7 +386,7 @@ impl Sse {
             let _ = conn.await;
         });
         let response = sender
-            .send_request(stream_request(addr, key))
+            .send_request(stream_request(addr, key, &format!("http://{addr}")))
             .await
             .expect("stream request");
         Self::from_response(response, Box::new(sender), conn)
@@ -548,8 +544,10 @@ pub enum Next {
     Quiet,
 }
 
-fn stream_request(addr: SocketAddr, key: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("http://{addr}/sse/environments/{key}/stream"))
+/// A stream request; `origin` is `http://host:port` for HTTP/2 (its `:authority`), empty
+/// for HTTP/1.1's origin form.
+fn stream_request(addr: SocketAddr, key: &str, origin: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("{origin}/sse/environments/{key}/stream"))
         .header("host", addr.to_string())
         .header("accept", "text/event-stream")
         .body(Full::default())
