@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ApiError;
 use crate::fanout::{self, Link, Mode};
+use crate::hub::Attached;
 use crate::metrics::WriteKind;
 use crate::routes::{Route, route};
 use crate::sse::{Outgoing, Subscriber, Timed, Transport};
@@ -100,6 +101,7 @@ fn decide(buffer: &[u8]) -> Decision {
             || h.name.eq_ignore_ascii_case("upgrade")
             || h.name.eq_ignore_ascii_case("expect"))
     });
+
     let keep_alive = !request.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("connection")
             && h.value
@@ -176,30 +178,35 @@ where
     }
 }
 
-/// Serves one event stream on a plain TCP socket, written directly by the fan-out (see
-/// `fanout`): this task writes the head and the event sent on connect, then only what the
-/// fan-out hands back (a socket that would block), keep-alives, and the end. It wakes for
-/// those, for its timer and for the client leaving, never for an ordinary delivery.
+/// An event stream on a plain TCP socket, written directly by the fan-out (see `fanout`):
+/// its task writes the head and the event sent on connect, then only what the fan-out
+/// hands back (a socket that would block), keep-alives, and the end. It wakes for those,
+/// for its timer and for the client leaving, never for an ordinary delivery.
 ///
-/// Returns the socket when the stream ended cleanly at its age and the client asked to
-/// keep the connection: its next request is read from it (clients that reuse connections
-/// skip a TCP handshake per reopen).
-pub async fn serve_direct(
+/// What an idle subscriber's task holds, so kept small: the task is as large as its
+/// largest state and lives as long as the subscriber, so callers box the rare steps
+/// (`open_direct`, `end`) and keep only this and `run` in the task.
+pub struct DirectStream {
+    subscriber: Subscriber,
+    link: Arc<Link>,
+    /// Registered with the fan-out while this lives.
+    _attached: Attached,
+    keep_alive: bool,
+}
+
+/// Opens a stream on `tcp` (or refuses it, answering the client): the head, then the
+/// socket registered for the fan-out. `None` when the connection is done.
+pub async fn open_direct(
     mut tcp: TcpStream,
-    state: Arc<AppState>,
+    state: &Arc<AppState>,
     request: &StreamRequest,
     write_timeout: Duration,
-) -> Option<TcpStream> {
-    let mut subscriber = match state.open_stream(&request.key, Transport::Http1Raw, None) {
+) -> Option<DirectStream> {
+    let subscriber = match state.open_stream(&request.key, Transport::Http1Raw, None) {
         Ok(subscriber) => subscriber,
         Err(err) => {
-            // Boxed, like every rare step here: a stream's task is as large as its largest
-            // state, and it lives as long as the subscriber.
-            Box::pin(async move {
-                state.delay_refusal().await;
-                refuse(tcp, err).await;
-            })
-            .await;
+            state.delay_refusal().await;
+            refuse(tcp, err).await;
             return None;
         }
     };
@@ -209,7 +216,7 @@ pub async fn serve_direct(
         &STREAM_HEAD
     };
     if !matches!(
-        Box::pin(tokio::time::timeout(write_timeout, tcp.write_all(head))).await,
+        tokio::time::timeout(write_timeout, tcp.write_all(head)).await,
         Ok(Ok(()))
     ) {
         return None;
@@ -219,23 +226,50 @@ pub async fn serve_direct(
         subscriber.connected_at(),
         subscriber.metrics().clone(),
     ));
-    let attached = state.hub().attach(&request.key, link.clone());
-    drop(state);
-    let ended = match attached {
-        Some(_attached) => stream_direct(&mut subscriber, &link, write_timeout).await,
-        None => Ended::Stop,
-    };
-    let reusable = ended == Ended::Age && request.keep_alive;
-    if !Box::pin(end_direct(&link, ended != Ended::Gone, reusable)).await {
+    let Some(attached) = state.hub().attach(&request.key, link.clone()) else {
+        // The hub closed (shutdown) meanwhile: end at once, cleanly.
+        end_direct(&link, true, false).await;
         return None;
+    };
+    Some(DirectStream {
+        subscriber,
+        link,
+        _attached: attached,
+        keep_alive: request.keep_alive,
+    })
+}
+
+impl DirectStream {
+    /// Streams until the end: its age, shutdown, or the client gone.
+    pub fn run(&mut self, write_timeout: Duration) -> impl Future<Output = Ended> + '_ {
+        stream_direct(&mut self.subscriber, &self.link, write_timeout)
     }
-    // Detached above: this task holds the only reference.
-    Arc::try_unwrap(link).ok().map(|link| link.socket)
+
+    /// Ends the stream as `ended` calls for. Returns the socket when the stream ended
+    /// cleanly at its age and the client asked to keep the connection: its next request is
+    /// read from it (clients that reuse connections skip a TCP handshake per reopen).
+    pub async fn end(self, ended: Ended) -> Option<TcpStream> {
+        let DirectStream {
+            subscriber,
+            link,
+            _attached,
+            keep_alive,
+        } = self;
+        drop(_attached);
+        let reusable = ended == Ended::Age && keep_alive;
+        let kept = end_direct(&link, ended != Ended::Gone, reusable).await;
+        drop(subscriber);
+        if !kept {
+            return None;
+        }
+        // Detached above: this holds the only reference.
+        Arc::try_unwrap(link).ok().map(|link| link.socket)
+    }
 }
 
 /// How a directly written stream ended.
 #[derive(Debug, PartialEq, Eq)]
-enum Ended {
+pub enum Ended {
     /// At its age: cleanly, and the connection may serve another request.
     Age,
     /// Shutdown (drain or close): cleanly, and the connection closes.

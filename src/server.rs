@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -118,6 +119,12 @@ impl Server {
         } = self;
         let connections = TaskTracker::new();
         let closing = CancellationToken::new();
+        let serving = Arc::new(Serving {
+            state: state.clone(),
+            builder,
+            closing: closing.clone(),
+            timeouts,
+        });
         let sweeper = tokio::spawn(sweep(state.clone()));
         tokio::pin!(shutdown);
         // Set at shutdown to the end of the drain window. The listener stays open until then,
@@ -155,19 +162,21 @@ impl Server {
             };
             // Events are small and must leave at once; Nagle would hold them back.
             let _ = tcp.set_nodelay(true);
-            let (state, builder, closing) = (state.clone(), builder.clone(), closing.clone());
+            let serving = serving.clone();
             match &tls {
-                None => connections.spawn(serve_connection(tcp, state, builder, closing, timeouts)),
+                None => connections.spawn(serve_plain(tcp, serving)),
                 Some(acceptor) => {
                     let acceptor = acceptor.clone();
                     connections.spawn(async move {
-                        match tokio::time::timeout(timeouts.header_read, acceptor.accept(tcp)).await
-                        {
+                        let header_read = serving.timeouts.header_read;
+                        match tokio::time::timeout(header_read, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                                Box::pin(serve_hyper(tls, state, builder, closing)).await;
+                                Box::pin(serve_hyper(tls, serving)).await;
                             }
                             Ok(Ok(tls)) => {
-                                serve_connection(tls, state, builder, closing, timeouts).await;
+                                // Never a fast-path stream: over TLS, streams are written
+                                // by their own tasks.
+                                let _ = Box::pin(serve_request(tls, serving)).await;
                             }
                             Ok(Err(err)) => debug!(%peer, error = %err, "TLS handshake failed"),
                             Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -194,83 +203,95 @@ impl Server {
     }
 }
 
-/// Serves one connection: an HTTP/1.1 event stream on the fast path, anything else with
-/// hyper. hyper's state is boxed so that a stream's task stays small.
-async fn serve_connection<I>(
-    mut io: I,
+/// What every connection's task needs, shared: one pointer per task rather than four.
+struct Serving {
     state: Arc<AppState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     closing: CancellationToken,
     timeouts: Timeouts,
-) where
+}
+
+/// A plain TCP connection whose request is a plain HTTP/1.1 stream: the fast path's.
+struct PlainStream {
+    tcp: tokio::net::TcpStream,
+    request: h1_stream::StreamRequest,
+}
+
+/// Serves a plain TCP connection: streams on the fast path, one after another while the
+/// client keeps the connection after each clean end, and any other request with hyper.
+///
+/// Its task lives as long as the subscriber and is as large as its largest state, so only
+/// the streaming state stays in it: every other step is boxed, freed once done.
+fn serve_plain(
+    tcp: tokio::net::TcpStream,
+    serving: Arc<Serving>,
+) -> impl Future<Output = ()> + Send + 'static {
+    // Boxed before the task starts: the socket is not kept in the task beside it.
+    let first = Box::pin(serve_request(tcp, serving.clone()));
+    serve_streams(first, serving)
+}
+
+async fn serve_streams(
+    first: Pin<Box<impl Future<Output = Option<Box<PlainStream>>>>>,
+    serving: Arc<Serving>,
+) {
+    let write_timeout = serving.timeouts.stream_write;
+    let mut next = first.await;
+    while let Some(plain) = next.take() {
+        let state = &serving.state;
+        let opened = Box::pin(async move {
+            let PlainStream { tcp, request } = *plain;
+            h1_stream::open_direct(tcp, state, &request, write_timeout).await
+        });
+        let Some(mut stream) = opened.await else {
+            return;
+        };
+        let ended = stream.run(write_timeout).await;
+        let serving = serving.clone();
+        next = Box::pin(async move {
+            let tcp = stream.end(ended).await?;
+            serve_request(tcp, serving).await
+        })
+        .await;
+    }
+}
+
+/// Reads a request and serves it, unless it is a plain HTTP/1.1 stream on plain TCP:
+/// that is returned for the fast path. hyper serves everything else (from then on, the
+/// whole connection); over TLS a stream is written by its own task.
+async fn serve_request<I>(mut io: I, serving: Arc<Serving>) -> Option<Box<PlainStream>>
+where
     I: AsyncRead + AsyncWrite + StreamSocket + Unpin + Send + 'static,
 {
-    // Boxed: the sniffing state (a buffer and a timer) would otherwise size every
-    // stream's task for its whole life.
-    match Box::pin(h1_stream::sniff(&mut io, timeouts.header_read)).await {
+    let timeouts = serving.timeouts;
+    match h1_stream::sniff(&mut io, timeouts.header_read).await {
         Sniffed::Stream(request) => {
             io.limit_send_buffer();
             match io.into_tcp() {
-                Ok(tcp) => serve_plain(tcp, request, state, builder, closing, timeouts).await,
+                Ok(tcp) => return Some(Box::new(PlainStream { tcp, request })),
                 Err(io) => {
+                    let state = serving.state.clone();
                     h1_stream::serve_stream(io, state, &request.key, timeouts.stream_write).await;
                 }
             }
         }
-        Sniffed::Other(head) => {
-            Box::pin(serve_hyper(
-                Prefixed::new(head, io),
-                state,
-                builder,
-                closing,
-            ))
-            .await;
-        }
+        Sniffed::Other(head) => serve_hyper(Prefixed::new(head, io), serving).await,
         Sniffed::Gone => {}
     }
+    None
 }
 
-/// Serves streams on a plain TCP connection, one after another while the client keeps the
-/// connection after each clean end; a request of another kind goes to hyper.
-async fn serve_plain(
-    mut tcp: tokio::net::TcpStream,
-    mut request: h1_stream::StreamRequest,
-    state: Arc<AppState>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    closing: CancellationToken,
-    timeouts: Timeouts,
-) {
-    loop {
-        let Some(kept) =
-            h1_stream::serve_direct(tcp, state.clone(), &request, timeouts.stream_write).await
-        else {
-            return;
-        };
-        tcp = kept;
-        match Box::pin(h1_stream::sniff(&mut tcp, timeouts.header_read)).await {
-            Sniffed::Stream(next) => request = next,
-            Sniffed::Other(head) => {
-                return Box::pin(serve_hyper(
-                    Prefixed::new(head, tcp),
-                    state,
-                    builder,
-                    closing,
-                ))
-                .await;
-            }
-            Sniffed::Gone => return,
-        }
-    }
-}
-
-async fn serve_hyper<I>(
-    io: I,
-    state: Arc<AppState>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    closing: CancellationToken,
-) where
+async fn serve_hyper<I>(io: I, serving: Arc<Serving>)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Serving {
+        state,
+        builder,
+        closing,
+        ..
+    } = &*serving;
+    let state = state.clone();
     let last_write = Arc::new(LastWrite::new());
     let metrics = state.stream.metrics.clone();
     let service = {
@@ -497,5 +518,53 @@ fn log_start(config: &Config, listener: &TcpListener, tls: bool, settings: &Sett
             value,
             "accepted for Flagsmith's own image and not needed: updates are pushed, not polled"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain connection's task lives as long as its subscriber, and its size is memory per
+    /// subscriber: only the streaming state may stay in it (the rare steps are boxed). The
+    /// bound is for the test profile; the release build is no larger.
+    #[tokio::test]
+    async fn a_plain_connection_task_stays_small() {
+        let hub = Arc::new(Hub::new(Duration::from_secs(3600)));
+        let broker = MemoryBroker::new(hub.clone());
+        let settings = Settings {
+            stream: StreamSettings {
+                keepalive: Duration::from_secs(60),
+                max_age: None,
+                drain_window: Duration::from_secs(1),
+                max_subscribers: 10,
+                max_socket_subscribers: 10,
+            },
+            body_read_timeout: Duration::from_secs(1),
+            refusal_delay: Duration::ZERO,
+        };
+        let state = Arc::new(AppState::new(
+            hub,
+            broker,
+            Arc::new(Metrics::default()),
+            "token",
+            settings,
+        ));
+        let serving = Arc::new(Serving {
+            state,
+            builder: Arc::new(auto::Builder::new(TokioExecutor::new())),
+            closing: CancellationToken::new(),
+            timeouts: Timeouts {
+                header_read: Duration::from_secs(1),
+                stream_write: Duration::from_secs(1),
+            },
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let task = serve_plain(tcp, serving);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 384, "{size} bytes");
     }
 }

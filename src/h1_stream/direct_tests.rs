@@ -59,8 +59,7 @@ async fn serve_with(
             tokio::spawn(async move {
                 while let Sniffed::Stream(request) = sniff(&mut tcp, Duration::from_secs(5)).await {
                     let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(SERVER_SEND_BUFFER);
-                    match serve_direct(tcp, state.clone(), &request, Duration::from_secs(30)).await
-                    {
+                    match serve_direct(tcp, &state, &request).await {
                         Some(kept) => tcp = kept,
                         None => return,
                     }
@@ -69,6 +68,18 @@ async fn serve_with(
         }
     });
     (state, addr)
+}
+
+/// Opens, runs and ends one stream, as `server` does (without its boxing).
+async fn serve_direct(
+    tcp: TcpStream,
+    state: &Arc<AppState>,
+    request: &StreamRequest,
+) -> Option<TcpStream> {
+    let write_timeout = Duration::from_secs(30);
+    let mut stream = open_direct(tcp, state, request, write_timeout).await?;
+    let ended = stream.run(write_timeout).await;
+    stream.end(ended).await
 }
 
 fn update(micros: i64) -> Update {
@@ -306,23 +317,5 @@ async fn a_kept_connection_serves_the_next_stream_after_a_clean_end() {
     assert!(
         matches!(closed, Ok(Ok(0))),
         "closed after the terminator: {closed:?}"
-    );
-}
-
-/// A stream's task lives as long as its subscriber: its size is memory per subscriber.
-/// Rare steps are boxed so that the idle state decides it (checked in the test profile).
-#[tokio::test]
-async fn a_direct_stream_task_stays_small() {
-    let (state, addr) = serve(Duration::from_secs(1)).await;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let request = StreamRequest {
-        key: "env".into(),
-        keep_alive: true,
-    };
-    let task = serve_direct(tcp, state, &request, Duration::from_secs(1));
-    assert!(
-        std::mem::size_of_val(&task) <= 768,
-        "{}",
-        std::mem::size_of_val(&task)
     );
 }
