@@ -95,13 +95,15 @@ fn decide(buffer: &[u8]) -> Decision {
         return Decision::Hyper;
     }
     // A body, an upgrade or an expectation is not a plain stream request: let hyper judge.
+    // An empty body is plain: Flutter's dart:io `HttpClient` says `content-length: 0` on
+    // every GET (flagsmith-flutter-client through flutter_client_sse's `http.Client`).
     let plain = request.headers.iter().all(|h| {
-        !(h.name.eq_ignore_ascii_case("content-length")
+        let body = h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0";
+        !(body
             || h.name.eq_ignore_ascii_case("transfer-encoding")
             || h.name.eq_ignore_ascii_case("upgrade")
             || h.name.eq_ignore_ascii_case("expect"))
     });
-
     let keep_alive = !request.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("connection")
             && h.value
@@ -561,6 +563,10 @@ mod tests {
             "GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET /sse/environments/abc/stream/?x=1 HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET //sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+            // What Flutter's dart:io sends (see `decide`).
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nuser-agent: Dart/3.5 (dart:io)\r\n\
+             accept: application/json , text/event-stream\r\naccept-encoding: gzip\r\n\
+             content-length: 0\r\nhost: x\r\n\r\n",
         ] {
             assert_eq!(
                 decided(stream),
@@ -595,6 +601,7 @@ mod tests {
             "GET /livez HTTP/1.1\r\n\r\n",
             "GET /sse/environments/abc/stream HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
             "GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+            "GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "\u{1}\u{2}garbage\r\n\r\n",
         ] {
