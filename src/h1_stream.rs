@@ -204,7 +204,7 @@ pub async fn open_direct(
     request: &StreamRequest,
     write_timeout: Duration,
 ) -> Option<DirectStream> {
-    let subscriber = match state.open_stream(&request.key, Transport::Http1Raw, None) {
+    let mut subscriber = match state.open_stream(&request.key, Transport::Http1Raw, None) {
         Ok(subscriber) => subscriber,
         Err(err) => {
             state.delay_refusal().await;
@@ -217,17 +217,34 @@ pub async fn open_direct(
     } else {
         &STREAM_HEAD
     };
-    if !matches!(
-        tokio::time::timeout(write_timeout, tcp.write_all(head)).await,
-        Ok(Ok(()))
-    ) {
+    // The head and the event sent on connect leave in one write: one segment, one wake-up
+    // of the client, one system call (part of what a reopen costs).
+    let first = subscriber.newer();
+    let event = match &first {
+        Some(Outgoing::Event { bytes, .. }) => &bytes[..],
+        Some(Outgoing::Keepalive) | None => &[],
+    };
+    let written = tokio::time::timeout(write_timeout, write_both(&mut tcp, head, event)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        if let Some(first) = &first {
+            subscriber.write_failed(first.message());
+        }
         return None;
+    }
+    if let Some(first) = &first {
+        subscriber.wrote(first);
     }
     let link = Arc::new(Link::new(
         tcp,
         subscriber.connected_at(),
         subscriber.metrics().clone(),
     ));
+    {
+        // What the task sent, before the fan-out can see the link.
+        let mut sent = link.lock();
+        sent.seen = subscriber.seen();
+        sent.last_message = first.as_ref().map(Outgoing::message);
+    }
     let Some(attached) = state.hub().attach(&request.key, link.clone()) else {
         // The hub closed (shutdown) meanwhile: end at once, cleanly.
         end_direct(&link, true, false).await;
@@ -266,6 +283,20 @@ impl DirectStream {
         }
         // Detached above: this holds the only reference.
         Arc::try_unwrap(link).ok().map(|link| link.socket)
+    }
+}
+
+/// Writes `head` then `event` with one system call when the socket takes both.
+async fn write_both(tcp: &mut TcpStream, head: &[u8], event: &[u8]) -> io::Result<()> {
+    let written = tcp
+        .write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(event)])
+        .await?;
+    match written.checked_sub(head.len()) {
+        Some(of_event) => tcp.write_all(&event[of_event..]).await,
+        None => {
+            tcp.write_all(&head[written..]).await?;
+            tcp.write_all(event).await
+        }
     }
 }
 
