@@ -124,6 +124,11 @@ struct SubscribeArgs {
     /// of the churn alone); `--updates` are posted evenly over the rest.
     #[arg(long)]
     churn_s: Option<u64>,
+    /// With `--churn-s`, reopen each HTTP/1.1 stream on the connection the server kept after
+    /// the clean end, as the Go, iOS and Android SDKs' HTTP clients and browsers do
+    /// (without it, a new connection per stream, as the Python, Ruby and Flutter SDKs do).
+    #[arg(long)]
+    reuse: bool,
     /// Give up waiting for connections or deliveries after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -411,6 +416,9 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         }
         if args.churn_s.is_some() {
             wargs.push("--reconnect".into());
+        }
+        if args.reuse {
+            wargs.push("--reuse".into());
         }
         handles.push(spawn_worker(wargs, counter)?);
     }

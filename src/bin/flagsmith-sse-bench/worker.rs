@@ -51,6 +51,9 @@ pub struct WorkerArgs {
     /// When the server ends a stream (MAX_STREAM_AGE), open it again at once, as SDKs do.
     #[arg(long)]
     pub reconnect: bool,
+    /// Open the next stream on the same HTTP/1.1 connection when the server kept it.
+    #[arg(long)]
+    pub reuse: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -275,10 +278,11 @@ async fn h1_subscriber(
     let mut permit = Some(permit);
     let mut first = true;
     let mut opened = false;
+    let mut kept = None;
     loop {
         let result = h1_stream(
             args,
-            source,
+            (source, &mut kept),
             index,
             shared,
             (&mut permit, &mut opened, done),
@@ -303,12 +307,14 @@ async fn h1_subscriber(
 
 type Permit = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>;
 
-/// One stream: connect, read the head (then release the connect permit and say the
-/// subscriber connected, or count a reconnect), count events until the server ends the
-/// stream or the connection fails.
+/// One stream: connect (or take the connection `kept` from the last stream), read the
+/// head (then release the connect permit and say the subscriber connected, or count a
+/// reconnect), count events until the server ends the stream or the connection fails.
+/// With `--reuse`, a connection the server left open after a clean end is put back in
+/// `kept`.
 async fn h1_stream(
     args: &WorkerArgs,
-    source: IpAddr,
+    (source, kept): (IpAddr, &mut Option<tokio::net::TcpStream>),
     index: usize,
     shared: &Rc<RefCell<Shared>>,
     (permit, opened, done): (
@@ -318,7 +324,10 @@ async fn h1_stream(
     ),
     first: &mut bool,
 ) -> anyhow::Result<()> {
-    let mut tcp = connect(source, args.addr).await?;
+    let mut tcp = match kept.take() {
+        Some(tcp) => tcp,
+        None => connect(source, args.addr).await?,
+    };
     let request = format!(
         "GET /sse/environments/{}/stream HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
         env_of(args, index),
@@ -331,6 +340,10 @@ async fn h1_stream(
         let n = tcp.read(&mut buf).await?;
         anyhow::ensure!(n > 0, "closed before the response headers");
         head.extend_from_slice(&buf[..n]);
+        // The last body's final CRLF, when it came apart from its terminator.
+        while head.starts_with(b"\r\n") {
+            head.drain(..2);
+        }
         if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
             break end + 4;
         }
@@ -351,9 +364,10 @@ async fn h1_stream(
     }
     // The service frames its body in chunks; a peer (nginx+nchan) may instead send it bare
     // until the connection closes.
-    let is_chunked = String::from_utf8_lossy(&head[..body_start])
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
+    let head_text = String::from_utf8_lossy(&head[..body_start]).to_ascii_lowercase();
+    let is_chunked = head_text.contains("transfer-encoding: chunked");
+    let server_closes = head_text.contains("connection: close");
+    drop(head_text);
     let mut chunked = Chunked::default();
     let mut events = Events::default();
     let since = (args.since_micros, args.t0_micros);
@@ -376,12 +390,20 @@ async fn h1_stream(
         }
     };
     let mut open = feed(&rest, first);
+    let mut clean = !open;
     while open {
         // Connected subscribers are not failures; a read error just ends this one.
         match tcp.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => open = feed(&buf[..n], first),
+            Ok(n) => {
+                open = feed(&buf[..n], first);
+                clean = !open;
+            }
         }
+    }
+    // A clean end of a chunked body on a connection the server did not say it closes.
+    if args.reuse && is_chunked && clean && !server_closes {
+        *kept = Some(tcp);
     }
     let mut s = shared.borrow_mut();
     s.report.ended += 1;
