@@ -30,7 +30,7 @@ use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::metrics::{Metrics, WriteKind};
+use crate::metrics::{DeliveryTally, Metrics, WriteKind};
 use crate::timestamp::Timestamp;
 
 /// Sockets written under one lock before the pass lets other tasks run: long enough to
@@ -119,8 +119,9 @@ impl Link {
     }
 
     /// Writes `delivery` if this socket is the fan-out's and has not sent it; hands the
-    /// socket to its task when it would block or took part of the chunk.
-    fn offer(&self, delivery: &Delivery) {
+    /// socket to its task when it would block or took part of the chunk. `now` is the
+    /// batch's clock, for the keep-alive (which counts in seconds).
+    fn offer(&self, delivery: &Delivery, now: Instant, tally: &mut DeliveryTally) {
         let mut state = self.lock();
         if state.mode != Mode::Direct || state.seen >= Some(delivery.timestamp) {
             return;
@@ -129,14 +130,14 @@ impl Link {
         match self.socket.try_write(chunk) {
             Ok(written) => {
                 state.seen = Some(delivery.timestamp);
-                state.wrote_at = Instant::now();
+                state.wrote_at = now;
                 state.last_message = Some(WriteKind::Data);
-                self.metrics.http_write(WriteKind::Data);
+                tally.wrote();
                 if delivery.stored_at >= self.connected_at {
                     let latency = SystemTime::now()
                         .duration_since(delivery.stored_at)
                         .unwrap_or_default();
-                    self.metrics.delivered(latency);
+                    tally.delivered(latency);
                 }
                 if written < chunk.len() {
                     // A slice of the shared chunk: a reference count, not a copy.
@@ -300,8 +301,14 @@ impl Audience {
     pub fn write_batch(&self, shard: usize, from: usize, delivery: &Delivery) -> Option<usize> {
         let slab = self.shards[shard].lock();
         let end = slab.entries.len().min(from + BATCH);
-        for link in slab.entries.get(from..end)?.iter().flatten() {
-            link.offer(delivery);
+        let batch = slab.entries.get(from..end)?;
+        let (now, mut tally) = (Instant::now(), DeliveryTally::default());
+        for link in batch.iter().flatten() {
+            link.offer(delivery, now, &mut tally);
+        }
+        // Every link holds the service's one `Metrics`.
+        if let Some(link) = batch.iter().flatten().next() {
+            link.metrics.add_deliveries(&tally);
         }
         (end < slab.entries.len()).then_some(end)
     }
@@ -359,6 +366,10 @@ pub async fn write_all_within(socket: &TcpStream, bytes: &[u8], timeout: Duratio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn offer(link: &Link, delivery: &Delivery) {
+        link.offer(delivery, Instant::now(), &mut DeliveryTally::default());
+    }
 
     fn delivery(micros: i64) -> Delivery {
         Delivery {
@@ -458,15 +469,15 @@ mod tests {
         let (server, _) = listener.accept().await.expect("accept");
         let metrics = Arc::new(Metrics::default());
         let link = Arc::new(Link::new(server, SystemTime::now(), metrics));
-        link.offer(&delivery(1));
+        offer(&link, &delivery(1));
         assert_eq!(link.lock().seen, None, "its task owns it at first");
         link.lock().mode = Mode::Direct;
-        link.offer(&delivery(2));
+        offer(&link, &delivery(2));
         assert_eq!(link.lock().seen.map(Timestamp::micros), Some(2));
         link.lock().seen = Timestamp::from_micros(3).ok();
-        link.offer(&delivery(3));
+        offer(&link, &delivery(3));
         link.lock().mode = Mode::Closed;
-        link.offer(&delivery(4));
+        offer(&link, &delivery(4));
         assert_eq!(link.lock().seen.map(Timestamp::micros), Some(3));
     }
 

@@ -157,14 +157,42 @@ pub struct Histogram {
     sum_micros: AtomicU64,
 }
 
+/// Deliveries one fan-out batch made, added to the shared series at once: every worker
+/// thread's pass writes the same counters, and adding once per batch rather than once per
+/// socket keeps the cores from trading those cache lines back and forth.
+#[derive(Debug, Default)]
+pub struct DeliveryTally {
+    writes: u64,
+    buckets: [u64; BUCKETS.len() + 1],
+    sum_micros: u64,
+}
+
+impl DeliveryTally {
+    /// An event written (a `data` write).
+    pub fn wrote(&mut self) {
+        self.writes += 1;
+    }
+
+    /// An event delivered as news, `since_stored` after it was stored.
+    pub fn delivered(&mut self, since_stored: std::time::Duration) {
+        self.buckets[bucket_of(since_stored)] += 1;
+        self.sum_micros = self
+            .sum_micros
+            .saturating_add(u64::try_from(since_stored.as_micros()).unwrap_or(u64::MAX));
+    }
+}
+
+fn bucket_of(elapsed: std::time::Duration) -> usize {
+    let secs = elapsed.as_secs_f64();
+    BUCKETS
+        .iter()
+        .position(|b| secs <= *b)
+        .unwrap_or(BUCKETS.len())
+}
+
 impl Histogram {
     pub fn observe(&self, elapsed: std::time::Duration) {
-        let secs = elapsed.as_secs_f64();
-        let index = BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len());
-        self.buckets[index].fetch_add(1, Relaxed);
+        self.buckets[bucket_of(elapsed)].fetch_add(1, Relaxed);
         self.sum_micros.fetch_add(
             u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             Relaxed,
@@ -316,6 +344,22 @@ impl Metrics {
 
     pub fn delivered(&self, since_stored: std::time::Duration) {
         self.delivery_latency.observe(since_stored);
+    }
+
+    /// Adds what one fan-out batch delivered.
+    pub fn add_deliveries(&self, tally: &DeliveryTally) {
+        if tally.writes > 0 {
+            self.http_writes[WriteKind::Data as usize].fetch_add(tally.writes, Relaxed);
+        }
+        let latency = &self.delivery_latency;
+        for (bucket, count) in latency.buckets.iter().zip(tally.buckets) {
+            if count > 0 {
+                bucket.fetch_add(count, Relaxed);
+            }
+        }
+        if tally.sum_micros > 0 {
+            latency.sum_micros.fetch_add(tally.sum_micros, Relaxed);
+        }
     }
 
     pub fn queue_change_answered(&self, status: u16, elapsed: std::time::Duration) {
@@ -509,6 +553,43 @@ fn render_process(out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fan-out batch's tally adds up to what the same deliveries observed one by one do.
+    #[test]
+    fn a_tally_counts_as_its_deliveries_one_by_one() {
+        let latencies = [7, 7, 40, 900, 120_000].map(std::time::Duration::from_millis);
+        let (one_by_one, tallied) = (Metrics::default(), Metrics::default());
+        let mut tally = DeliveryTally::default();
+        for latency in latencies {
+            one_by_one.http_write(WriteKind::Data);
+            one_by_one.delivered(latency);
+            tally.wrote();
+            tally.delivered(latency);
+        }
+        // A write that was not news (the event sent on connect) counts as a write only.
+        one_by_one.http_write(WriteKind::Data);
+        tally.wrote();
+        tallied.add_deliveries(&tally);
+        let gauges = Gauges {
+            environments: 0,
+            environments_subscribed: 0,
+            max_subscribers: 0,
+            broker: "memory",
+            broker_connected: true,
+            ready: true,
+        };
+        // The service's own series (the process's, RSS and so on, differ run to run).
+        let own = |text: String| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("flagsmith_sse_"))
+                .map(str::to_owned)
+                .collect()
+        };
+        let text = tallied.render(&gauges);
+        assert_eq!(own(text.clone()), own(one_by_one.render(&gauges)));
+        assert!(text.contains("flagsmith_sse_http_writes_total{message=\"data\"} 6"));
+        assert!(text.contains("flagsmith_sse_delivery_latency_seconds_count 5"));
+    }
 
     #[test]
     fn renders_every_spec_metric_with_its_labels() {
