@@ -57,10 +57,12 @@ impl Api {
 }
 
 /// What an SDK did: connections opened, flag refetches, events it received, events it
-/// could not parse, and whether it stopped reconnecting for good.
+/// could not parse, and whether it stopped reconnecting for good; and streams served by
+/// hyper rather than the fast path (counted where a reproduction checks it).
 #[derive(Default)]
 struct Sdk {
     connects: AtomicUsize,
+    off_the_fast_path: AtomicUsize,
     refetches: AtomicUsize,
     events: AtomicUsize,
     unparsed: AtomicUsize,
@@ -490,16 +492,27 @@ async fn flutter(addr: SocketAddr, sdk: Arc<Sdk>, interval: Duration) {
         let last_get_flags = last_get_flags.clone();
         tokio::spawn(async move {
             loop {
+                // What dart:io's `HttpClient` sends for flutter_client_sse's GET (it says
+                // `content-length: 0` on every GET).
                 let Ok(response) = open(
                     addr,
                     &stream_path(),
-                    &[("accept", "application/json , text/event-stream")],
+                    &[
+                        ("user-agent", "Dart/3.5 (dart:io)"),
+                        ("accept", "application/json , text/event-stream"),
+                        ("accept-encoding", "gzip"),
+                        ("content-length", "0"),
+                    ],
                 )
                 .await
                 else {
                     return;
                 };
                 Sdk::count(&sdk.connects);
+                // hyper dates every response; the fast path writes its own head without.
+                if response.headers().contains_key("date") {
+                    Sdk::count(&sdk.off_the_fast_path);
+                }
                 let end = read_blocks(response.into_body(), |block| {
                     let (event, data) = sse_fields(block);
                     if event.as_deref() != Some("environment_updated") {
@@ -609,6 +622,11 @@ async fn refetches_only_for_newer(
         "{name}: refetches for updates it holds"
     );
     assert_eq!(sdk.unparsed(), 0, "{name} could not parse an event");
+    assert_eq!(
+        sdk.off_the_fast_path.load(Ordering::SeqCst),
+        0,
+        "{name}'s streams were served by hyper, not the fast path"
+    );
     assert!(
         !sdk.gave_up.load(Ordering::SeqCst),
         "{name} stopped reconnecting"
