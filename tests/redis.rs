@@ -629,6 +629,69 @@ async fn the_hash_forgets_environments_older_than_the_retention() {
     );
 }
 
+/// Pruning removes only what is older than the retention: an environment written less
+/// than the retention ago stays in the hash through every prune. Prunes come at most the
+/// retention plus one blocking read (2 s) apart, so writing for ten seconds spans one.
+#[tokio::test]
+async fn the_hash_keeps_environments_younger_than_the_retention() {
+    let retention = 4 * SECOND;
+    let redis = Redis::start();
+    let svc = Service::start_redis(&redis.url(), &[("NATS_STREAM_MAX_AGE", "4s")]);
+    svc.wait_ready().await;
+    let mut written: Vec<(String, std::time::Instant)> = Vec::new();
+    let mut judged = 0;
+    for i in 0..10 {
+        let key = format!("young{i}");
+        let at = std::time::Instant::now();
+        assert_eq!(svc.publish(&key, &format!("{}.5", i + 1)).await.status, 200);
+        written.push((key, at));
+        tokio::time::sleep(SECOND).await;
+        for (key, at) in &written {
+            if at.elapsed() >= retention - SECOND {
+                continue;
+            }
+            let held = redis
+                .cli(&["HEXISTS", "{flagsmith-sse}:latest", key])
+                .trim()
+                == "1";
+            // Judged only if the check ended well inside the retention: a pause of this
+            // process can skip a check, never fail one.
+            if at.elapsed() < retention - SECOND {
+                assert!(
+                    held,
+                    "{key} left the hash {:?} after it was written",
+                    at.elapsed()
+                );
+                judged += 1;
+            }
+        }
+    }
+    assert!(judged > 0, "no check ended inside the retention");
+}
+
+/// Pruning runs in the reader's loop, and the reader goes on following the stream after
+/// it. Only A prunes (B keeps the default retention of an hour), so once the stale
+/// environment has left the hash, A has pruned; B's next write must still reach A.
+#[tokio::test]
+async fn the_reader_still_follows_the_stream_after_pruning() {
+    let redis = Redis::start();
+    let a = Service::start_redis(&redis.url(), &[("NATS_STREAM_MAX_AGE", "2s")]);
+    let b = Service::start_redis(&redis.url(), &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    assert_eq!(b.publish("old", "1.5").await.status, 200);
+    eventually(15 * SECOND, "the old environment pruned by A", || {
+        redis
+            .cli(&["HEXISTS", "{flagsmith-sse}:latest", "old"])
+            .trim()
+            == "0"
+    })
+    .await;
+    let mut sse = a.subscribe("new").await;
+    assert_eq!(b.publish("new", "2.5").await.status, 200);
+    assert_eq!(sse.next_update(10 * SECOND).await, Some(2.5));
+}
+
 /// An update stored back after Redis lost its data keeps its original time: it leaves the
 /// "latest on connect" answer when its own retention ends, not a retention after the loss.
 #[tokio::test]
