@@ -468,6 +468,26 @@ fn help_prints_no_secret() {
     assert!(!help.contains("SECRET"), "{help}");
 }
 
+/// Every connection to Redis has TCP keepalive on, so that the kernel notices a peer that
+/// vanished on a real network (`ss` shows its timer on an idle socket).
+#[tokio::test]
+async fn connections_to_redis_have_tcp_keepalive() {
+    let redis = Redis::start();
+    let svc = Service::start_redis(&redis.url(), &[]);
+    svc.wait_ready().await;
+    let filter = format!("( dport = :{} )", redis.port);
+    eventually(10 * SECOND, "keepalive on each connection to Redis", || {
+        let out = std::process::Command::new("ss")
+            .args(["-tno", "state", "established", &filter])
+            .output()
+            .expect("ss runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let sockets: Vec<&str> = text.lines().skip(1).collect();
+        sockets.len() >= 2 && sockets.iter().all(|s| s.contains("timer:(keepalive"))
+    })
+    .await;
+}
+
 /// Connections Redis has accepted since it started (`redis-cli` calls included).
 fn connections_received(redis: &Redis) -> u64 {
     let info = redis.cli(&["INFO", "stats"]);
