@@ -536,7 +536,9 @@ mod tests {
     fn close_ends_subscriptions_and_refuses_new_ones() {
         let hub = Hub::new(Duration::from_secs(60));
         let sub = hub.subscribe("env").expect("open");
+        assert!(!hub.is_closed());
         hub.close();
+        assert!(hub.is_closed(), "direct streams check this when woken");
         assert!(sub.has_changed().is_err());
         assert!(hub.subscribe("env").is_none());
         assert!(!hub.apply("env", update(1, 1)));
