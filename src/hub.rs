@@ -474,11 +474,71 @@ mod tests {
         assert_eq!(latest.newer_than(None, now, day), Some(five));
     }
 
+    /// Shutdown's drain reaches every subscriber: of environments known before it began,
+    /// of environments first seen after it (by a subscriber or by an update), and it is
+    /// not undone by a later update.
+    #[test]
+    fn draining_holds_for_every_environment_and_survives_updates() {
+        let hub = Hub::new(Duration::from_secs(60));
+        let before = hub.subscribe("before").expect("open");
+        hub.begin_drain();
+        assert!(before.borrow().draining);
+        hub.apply("before", update(1_000_000, 1));
+        assert!(before.borrow().draining, "an update undid the drain");
+        let after = hub.subscribe("after").expect("open");
+        assert!(after.borrow().draining, "subscribed after the drain began");
+        hub.apply("updated", update(1_000_000, 2));
+        let updated = hub.subscribe("updated").expect("open");
+        assert!(
+            updated.borrow().draining,
+            "first seen in an update after it"
+        );
+    }
+
+    /// What `/metrics` shows: environments held, and those with a subscriber here.
+    #[test]
+    fn counts_environments_held_and_subscribed() {
+        let hub = Hub::new(Duration::from_secs(60));
+        assert_eq!((hub.len(), hub.subscribed()), (0, 0));
+        let a = hub.subscribe("a").expect("open");
+        let a2 = hub.subscribe("a").expect("open");
+        let _b = hub.subscribe("b").expect("open");
+        hub.apply("c", update(1_000_000, 1));
+        assert_eq!((hub.len(), hub.subscribed()), (3, 2));
+        drop(a);
+        assert_eq!(hub.subscribed(), 2, "a still has a subscriber");
+        drop(a2);
+        assert_eq!((hub.len(), hub.subscribed()), (3, 1));
+    }
+
+    /// Sweeping keeps an environment that a subscriber follows, or that someone holds
+    /// (an update being applied, a fan-out pass), however stale its update.
+    #[test]
+    fn sweep_keeps_what_is_subscribed_or_held() {
+        let hub = Hub::new(Duration::from_secs(60));
+        let mut stale = update(1_000_000, 1);
+        stale.stored_at = SystemTime::now() - Duration::from_secs(120);
+        hub.apply("subscribed", stale);
+        hub.apply("held", stale);
+        hub.apply("neither", stale);
+        let _sub = hub.subscribe("subscribed").expect("open");
+        let held = hub.lock().environments.get("held").cloned();
+        assert_eq!(hub.sweep(SystemTime::now()), 1);
+        assert!(hub.latest("subscribed").is_some());
+        assert!(hub.latest("held").is_some());
+        assert!(hub.latest("neither").is_none());
+        drop(held);
+        assert_eq!(hub.sweep(SystemTime::now()), 1);
+        assert!(hub.latest("held").is_none());
+    }
+
     #[test]
     fn close_ends_subscriptions_and_refuses_new_ones() {
         let hub = Hub::new(Duration::from_secs(60));
         let sub = hub.subscribe("env").expect("open");
+        assert!(!hub.is_closed());
         hub.close();
+        assert!(hub.is_closed(), "direct streams check this when woken");
         assert!(sub.has_changed().is_err());
         assert!(hub.subscribe("env").is_none());
         assert!(!hub.apply("env", update(1, 1)));

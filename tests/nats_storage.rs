@@ -4,7 +4,9 @@
 
 mod common;
 
-use async_nats::jetstream::stream::StorageType;
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{DiscardPolicy, StorageType};
 use common::*;
 
 /// The stream's storage as NATS itself reports it.
@@ -36,6 +38,57 @@ async fn the_stream_is_kept_where_the_setting_says() {
             svc.log()
         );
     }
+}
+
+/// The stream is created with this service's settings, as NATS itself reports them. An
+/// instance that finds them so says nothing; one configured otherwise (another retention)
+/// says they differ, and serves with the stream as it is.
+#[tokio::test]
+async fn the_stream_is_created_with_the_services_settings() {
+    let nats = Nats::start();
+    let first = Service::start_with(&nats.url(), &[("NATS_STREAM_MAX_AGE", "90s")]);
+    first.wait_ready().await;
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let jetstream = async_nats::jetstream::new(client);
+    let mut stream = jetstream.get_stream("FLAGSMITH_SSE").await.expect("stream");
+    let config = stream.info().await.expect("info").config.clone();
+    assert_eq!(config.subjects, ["flagsmith.environment.>"]);
+    assert_eq!(config.max_messages_per_subject, 1);
+    assert_eq!(config.max_age, Duration::from_secs(90));
+    assert_eq!(config.num_replicas, 1);
+    assert_eq!(config.storage, StorageType::Memory);
+    assert_eq!(config.discard, DiscardPolicy::Old);
+    assert_eq!(config.duplicate_window, Duration::from_secs(90));
+
+    let same = Service::start_with(&nats.url(), &[("NATS_STREAM_MAX_AGE", "90s")]);
+    same.wait_ready().await;
+    let other = Service::start_with(&nats.url(), &[("NATS_STREAM_MAX_AGE", "1h")]);
+    other.wait_ready().await;
+    eventually(10 * SECOND, "the settings warning", || {
+        other.log().contains("settings differ")
+    })
+    .await;
+    for svc in [&first, &same] {
+        assert!(!svc.log().contains("settings differ"), "{}", svc.log());
+    }
+    assert_eq!(other.publish("env", "2.5").await.status, 200);
+
+    // A stream made by hand that differs in one setting only is reported too.
+    let nats = Nats::start();
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            max_messages_per_subject: 5,
+            ..config
+        })
+        .await
+        .expect("stream made by hand");
+    let svc = Service::start_with(&nats.url(), &[("NATS_STREAM_MAX_AGE", "90s")]);
+    svc.wait_ready().await;
+    eventually(10 * SECOND, "the settings warning", || {
+        svc.log().contains("settings differ")
+    })
+    .await;
 }
 
 /// JetStream cannot change a stream's storage in place: an instance configured otherwise

@@ -468,6 +468,80 @@ fn help_prints_no_secret() {
     assert!(!help.contains("SECRET"), "{help}");
 }
 
+/// Every connection to Redis has TCP keepalive on, so that the kernel notices a peer that
+/// vanished on a real network (`ss` shows its timer on an idle socket).
+#[tokio::test]
+async fn connections_to_redis_have_tcp_keepalive() {
+    let redis = Redis::start();
+    let svc = Service::start_redis(&redis.url(), &[]);
+    svc.wait_ready().await;
+    let filter = format!("( dport = :{} )", redis.port);
+    eventually(10 * SECOND, "keepalive on each connection to Redis", || {
+        let out = std::process::Command::new("ss")
+            .args(["-tno", "state", "established", &filter])
+            .output()
+            .expect("ss runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let sockets: Vec<&str> = text.lines().skip(1).collect();
+        sockets.len() >= 2 && sockets.iter().all(|s| s.contains("timer:(keepalive"))
+    })
+    .await;
+}
+
+/// Connections Redis has accepted since it started (`redis-cli` calls included).
+fn connections_received(redis: &Redis) -> u64 {
+    let info = redis.cli(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no connection count in {info}"))
+}
+
+/// Without `REDIS_WAIT_REPLICAS` writes share the writer's one connection: no write opens
+/// a connection (the second count's own `redis-cli` is the one new).
+#[tokio::test]
+async fn writes_without_wait_replicas_share_the_writers_connection() {
+    let redis = Redis::start();
+    let svc = Service::start_redis(&redis.url(), &[]);
+    svc.wait_ready().await;
+    let before = connections_received(&redis);
+    for (i, key) in ["e1", "e2", "e3", "e4", "e5"].iter().enumerate() {
+        assert_eq!(svc.publish(key, &format!("{}.5", i + 1)).await.status, 200);
+    }
+    assert_eq!(svc.publish("e5", "5.5").await.status, 200, "a retry");
+    assert_eq!(
+        connections_received(&redis) - before,
+        1,
+        "writes opened connections"
+    );
+}
+
+/// A write Redis refuses with an error is answered 503 and logged with Redis's own
+/// words, not as a timeout. Here the hash key holds a string (WRONGTYPE).
+#[tokio::test]
+async fn a_write_redis_refuses_is_logged_with_its_cause() {
+    let redis = Redis::start();
+    let svc = Service::start_redis(&redis.url(), &[]);
+    svc.wait_ready().await;
+    assert_eq!(
+        redis
+            .cli(&["SET", "{flagsmith-sse}:latest", "not a hash"])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(svc.publish("env", "1.5").await.status, 503);
+    eventually(
+        10 * SECOND,
+        "the refused write logged with its cause",
+        || {
+            svc.log()
+                .lines()
+                .any(|line| line.contains("queue-change not stored") && line.contains("WRONGTYPE"))
+        },
+    )
+    .await;
+}
+
 /// `REDIS_WAIT_REPLICAS=1` with a primary and one replica: 200 while the replica takes
 /// writes; with the replica stopped (SIGSTOP), 503 within Flagsmith's 2 s, for the write and
 /// for its retry alike (a retry answered "duplicate" must not skip the wait); and a write
@@ -498,6 +572,17 @@ async fn wait_replicas_on_connections_of_their_own() {
         resp.status, 200,
         "the retry, with the replica running: {}",
         resp.body
+    );
+    // One write at a time needs one connection of its own, kept for the next: no new
+    // connection per write (the second count's own `redis-cli` is the one new).
+    let before = connections_received(&primary);
+    for (i, key) in ["e1", "e2", "e3", "e4", "e5"].iter().enumerate() {
+        assert_eq!(svc.publish(key, &format!("{}.5", i + 1)).await.status, 200);
+    }
+    assert_eq!(
+        connections_received(&primary) - before,
+        1,
+        "writes waiting for replicas one at a time opened connections"
     );
 
     let replica_pid = replica.pid().to_string();
@@ -629,6 +714,69 @@ async fn the_hash_forgets_environments_older_than_the_retention() {
     );
 }
 
+/// Pruning removes only what is older than the retention: an environment written less
+/// than the retention ago stays in the hash through every prune. Prunes come at most the
+/// retention plus one blocking read (2 s) apart, so writing for ten seconds spans one.
+#[tokio::test]
+async fn the_hash_keeps_environments_younger_than_the_retention() {
+    let retention = 4 * SECOND;
+    let redis = Redis::start();
+    let svc = Service::start_redis(&redis.url(), &[("NATS_STREAM_MAX_AGE", "4s")]);
+    svc.wait_ready().await;
+    let mut written: Vec<(String, std::time::Instant)> = Vec::new();
+    let mut judged = 0;
+    for i in 0..10 {
+        let key = format!("young{i}");
+        let at = std::time::Instant::now();
+        assert_eq!(svc.publish(&key, &format!("{}.5", i + 1)).await.status, 200);
+        written.push((key, at));
+        tokio::time::sleep(SECOND).await;
+        for (key, at) in &written {
+            if at.elapsed() >= retention - SECOND {
+                continue;
+            }
+            let held = redis
+                .cli(&["HEXISTS", "{flagsmith-sse}:latest", key])
+                .trim()
+                == "1";
+            // Judged only if the check ended well inside the retention: a pause of this
+            // process can skip a check, never fail one.
+            if at.elapsed() < retention - SECOND {
+                assert!(
+                    held,
+                    "{key} left the hash {:?} after it was written",
+                    at.elapsed()
+                );
+                judged += 1;
+            }
+        }
+    }
+    assert!(judged > 0, "no check ended inside the retention");
+}
+
+/// Pruning runs in the reader's loop, and the reader goes on following the stream after
+/// it. Only A prunes (B keeps the default retention of an hour), so once the stale
+/// environment has left the hash, A has pruned; B's next write must still reach A.
+#[tokio::test]
+async fn the_reader_still_follows_the_stream_after_pruning() {
+    let redis = Redis::start();
+    let a = Service::start_redis(&redis.url(), &[("NATS_STREAM_MAX_AGE", "2s")]);
+    let b = Service::start_redis(&redis.url(), &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    assert_eq!(b.publish("old", "1.5").await.status, 200);
+    eventually(15 * SECOND, "the old environment pruned by A", || {
+        redis
+            .cli(&["HEXISTS", "{flagsmith-sse}:latest", "old"])
+            .trim()
+            == "0"
+    })
+    .await;
+    let mut sse = a.subscribe("new").await;
+    assert_eq!(b.publish("new", "2.5").await.status, 200);
+    assert_eq!(sse.next_update(10 * SECOND).await, Some(2.5));
+}
+
 /// An update stored back after Redis lost its data keeps its original time: it leaves the
 /// "latest on connect" answer when its own retention ends, not a retention after the loss.
 #[tokio::test]
@@ -652,6 +800,29 @@ async fn a_stored_back_update_keeps_its_original_time() {
     d.wait_ready().await;
     let mut late = d.subscribe("env").await;
     assert_eq!(late.next_update(2 * SECOND).await, None);
+}
+
+/// A new instance takes each environment's state from the hash, and reads the stream only
+/// from where it stood when the hash was loaded: the stream's history (up to 100,000
+/// entries) would bring back what the hash has forgotten. Here the hash field is deleted,
+/// as pruning does to an environment past the retention.
+#[tokio::test]
+async fn a_new_instance_does_not_replay_the_streams_history() {
+    let redis = Redis::start();
+    let a = Service::start_redis(&redis.url(), &[]);
+    a.wait_ready().await;
+    assert_eq!(a.publish("env", "1.5").await.status, 200);
+    assert_eq!(
+        redis.cli(&["HDEL", "{flagsmith-sse}:latest", "env"]).trim(),
+        "1"
+    );
+    let c = Service::start_redis(&redis.url(), &[]);
+    c.wait_ready().await;
+    let mut sse = c.subscribe("env").await;
+    assert_eq!(sse.next_update(3 * SECOND).await, None);
+    // C does follow the stream from there on.
+    assert_eq!(a.publish("env", "2.5").await.status, 200);
+    assert_eq!(sse.next_update(10 * SECOND).await, Some(2.5));
 }
 
 /// After a Redis restart an instance resumes reading the stream from the last id it saw,

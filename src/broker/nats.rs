@@ -644,6 +644,27 @@ mod tests {
         assert_eq!(servers[0].port(), 4222);
     }
 
+    /// Reconnect delays double from 100 ms to 5 s, each drawn in [half, whole].
+    #[test]
+    fn reconnect_delays_double_up_to_five_seconds_and_are_spread() {
+        let mut drawn = Vec::new();
+        for attempts in 1..=10 {
+            let base = Duration::from_millis(100 * (1 << (attempts - 1).min(6)))
+                .min(Duration::from_secs(5));
+            let delay = reconnect_delay(attempts);
+            assert!(
+                delay >= base / 2 && delay <= base,
+                "attempt {attempts}: {delay:?} not within [{:?}, {base:?}]",
+                base / 2
+            );
+            drawn.push(delay.as_secs_f64() / base.as_secs_f64());
+        }
+        assert!(
+            drawn.iter().any(|&f| f > 0.5 && f < 1.0),
+            "never spread: {drawn:?}"
+        );
+    }
+
     #[test]
     fn redacts_credentials() {
         assert_eq!(

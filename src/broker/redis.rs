@@ -998,6 +998,25 @@ mod tests {
         assert!(stream_entries(&Value::Nil).is_empty());
     }
 
+    /// Stream entries whose fields come as a map, or whose texts come as simple strings,
+    /// read the same as the usual flat arrays of bulk strings.
+    #[test]
+    fn reads_fields_as_a_map_and_simple_strings() {
+        let entry = Value::Array(vec![
+            Value::SimpleString("1700000000123-4".to_owned()),
+            Value::Map(vec![
+                (bulk("k"), Value::SimpleString("env".to_owned())),
+                (Value::SimpleString("t".to_owned()), bulk("5000000")),
+            ]),
+        ]);
+        let xread = Value::Map(vec![(bulk(STREAM_KEY), Value::Array(vec![entry]))]);
+        let got = stream_entries(&xread);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, "1700000000123-4");
+        assert_eq!(got[0].field("k"), Some("env"));
+        assert_eq!(got[0].field("t"), Some("5000000"));
+    }
+
     #[test]
     fn ids_and_held_values() {
         assert!(id_after("2-0", "1-5"));

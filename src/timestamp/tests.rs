@@ -88,6 +88,10 @@ fn json_bodies_accept_strings_and_numbers() {
         (r#"{"updated_at":0.0000015}"#, 2),
         (r#"{"updated_at":0.00000150001}"#, 2),
         (r#"{"updated_at":1E-9}"#, 0),
+        // The first digit is the one at the half-microsecond position: it alone rounds.
+        (r#"{"updated_at":6e-7}"#, 1),
+        (r#"{"updated_at":5e-7}"#, 0),
+        (r#"{"updated_at":5.1e-7}"#, 1),
         (
             r#"{"updated_at":"2025-07-14T13:49:43Z","other":[1,2]}"#,
             1_752_500_983_000_000,
@@ -136,12 +140,47 @@ fn json_bodies_reject_what_is_not_a_timestamp() {
     }
 }
 
+/// The parser is public and reads texts that did not pass through a JSON parser.
+#[test]
+fn decimal_seconds_with_two_points_are_refused() {
+    for input in ["1.2.3", "1..2", "1735229888.76.5"] {
+        assert_eq!(
+            parse_decimal_seconds(input),
+            Err(TimestampError::Number),
+            "{input}"
+        );
+    }
+}
+
+#[test]
+fn iso_accepts_the_last_day_of_each_month() {
+    for (input, micros) in [
+        ("2025-01-31", 1_738_281_600_000_000),
+        ("2025-04-30", 1_745_971_200_000_000),
+        ("2025-06-30", 1_751_241_600_000_000),
+        ("2025-09-30", 1_759_190_400_000_000),
+        ("2025-11-30", 1_764_460_800_000_000),
+        ("2025-12-31", 1_767_139_200_000_000),
+        ("2024-02-29", 1_709_164_800_000_000),
+    ] {
+        assert_eq!(
+            parse_iso8601(input).map(Timestamp::micros),
+            Ok(micros),
+            "{input}"
+        );
+    }
+}
+
 #[test]
 fn iso_rejects_invalid_dates_and_times() {
     for input in [
         "2025-13-01",
         "2025-02-29",
         "2024-02-30",
+        "2025-04-31",
+        "2025-06-31",
+        "2025-09-31",
+        "2025-11-31",
         "2025-07-14T24:00:00",
         "2025-07-14T13:60:00",
         "2025-07-14T13:49:60",
