@@ -348,7 +348,10 @@ async fn metrics_count_subscribers_and_writes() {
     );
     assert!(value("flagsmith_sse_http_writes_total{message=\"healthcheck\"}") >= 1.0);
     // The broker-neutral series name their backend (an alert rule selects on it).
-    assert_eq!(value("flagsmith_sse_broker_connected{broker=\"nats\"}"), 1.0);
+    assert_eq!(
+        value("flagsmith_sse_broker_connected{broker=\"nats\"}"),
+        1.0
+    );
     assert_eq!(
         value("flagsmith_sse_http_errors_total{message=\"data\"}"),
         0.0
