@@ -224,3 +224,60 @@ async fn redis_writes_in_a_steady_epoch_restart_no_connection() {
         0.0
     );
 }
+
+/// README: `/readyz` says 200 only once the instance is caught up, so a load balancer never
+/// sends a subscriber where "latest on connect" would answer nothing for an environment
+/// that has an update. With NATS the consumer counts what the stream held when it started
+/// (its pending count): at the first 200, every stored environment is held.
+#[tokio::test]
+async fn nats_readiness_waits_for_every_stored_environment() {
+    const ENVIRONMENTS: usize = 20_000;
+    let nats = Nats::start();
+    let first = Service::start(&nats.url());
+    first.wait_ready().await;
+    // Straight into the stream the first instance created: the HTTP API would take long.
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let jetstream = async_nats::jetstream::new(client);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // In batches: async-nats holds back a publish while too many acks are unanswered.
+    for batch in (0..ENVIRONMENTS).collect::<Vec<_>>().chunks(500) {
+        let mut acks = Vec::with_capacity(batch.len());
+        for i in batch {
+            let payload = format!("{{\"updated_at\": {now}.5}}");
+            acks.push(
+                jetstream
+                    .publish(format!("flagsmith.environment.env{i}"), payload.into())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("stored");
+        }
+    }
+    let second = Service::start(&nats.url());
+    let deadline = Instant::now() + 30 * SECOND;
+    let mut not_ready = 0;
+    loop {
+        if let Ok(resp) = try_get(second.addr, "/readyz").await
+            && resp.status == 200
+        {
+            break;
+        }
+        not_ready += 1;
+        assert!(Instant::now() < deadline, "never ready:\n{}", second.log());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let held = metric(
+        &get(second.addr, "/metricsz").await.body,
+        "flagsmith_sse_environments",
+    );
+    assert_eq!(
+        held, ENVIRONMENTS as f64,
+        "ready while holding {held} of {ENVIRONMENTS} environments (after {not_ready} answers \
+         of not ready)"
+    );
+}

@@ -169,3 +169,38 @@ async fn a_stored_back_update_keeps_its_original_time() {
     let mut late = d.subscribe("env").await;
     assert_eq!(late.next_update(2 * SECOND).await, None);
 }
+
+/// A store-back that cannot read what the new stream holds (here: a NATS user denied
+/// JetStream's message reads) stores nothing, so that it never overwrites a newer update,
+/// and is counted, one per environment, so the operator sees the instance failed to
+/// repopulate the stream.
+#[tokio::test]
+async fn a_store_back_that_fails_is_counted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        "authorization {\n  users = [\n    {user: unread, password: unreadpw, permissions: {publish: {deny: [\"$JS.API.STREAM.MSG.GET.>\", \"$JS.API.DIRECT.GET.>\"]}}}\n  ]\n}\n",
+    )
+    .expect("nats.conf");
+    let mut nats = Nats::start_with(&["-c", conf.to_str().expect("path")]);
+    let url = nats.url().replacen("nats://", "nats://unread:unreadpw@", 1);
+    let a = Service::start(&url);
+    a.wait_ready().await;
+    for key in ["one", "two"] {
+        let resp = a.publish(key, "10.5").await;
+        assert_eq!(resp.json()["status"], "stored", "{}", resp.body);
+    }
+    let restore_errors = "flagsmith_sse_broker_errors_total{broker=\"nats\",operation=\"restore\"}";
+    assert_eq!(
+        metric(&get(a.addr, "/metricsz").await.body, restore_errors),
+        0.0
+    );
+
+    nats.restart();
+    eventually_async(30 * SECOND, "both failed store-backs counted", async || {
+        metric(&get(a.addr, "/metricsz").await.body, restore_errors) == 2.0
+    })
+    .await;
+    assert!(a.log().contains("restored=0 failed=2"), "{}", a.log());
+}

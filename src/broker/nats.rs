@@ -19,7 +19,9 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::{BoxFuture, Broker, BrokerError, FailureLog, PublishError, Published, boxed, redact};
+use super::{
+    Backoff, BoxFuture, Broker, BrokerError, FailureLog, PublishError, Published, boxed, redact,
+};
 use crate::config::StreamStorage;
 use crate::environment::validate_key;
 use crate::hub::{Hub, Update};
@@ -134,18 +136,21 @@ impl NatsBroker {
     /// Keeps one consumer running for the life of the process. The ordered consumer heals
     /// itself across reconnects; this loop only handles failing to set it up at all.
     async fn run_consumer(self: Arc<Self>) {
-        let mut delay = Duration::from_millis(100);
+        let backoff = || Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut retries = backoff();
         loop {
-            match self.consume().await {
+            let delay = match self.consume().await {
                 Ok(()) => {
                     warn!("NATS consumer ended; starting a new one");
-                    delay = Duration::from_millis(100);
+                    retries = backoff();
+                    retries.next_delay()
                 }
                 Err(err) => {
+                    let delay = retries.next_delay();
                     warn!(error = %err, retry_in = ?delay, "NATS consumer not running");
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay
                 }
-            }
+            };
             tokio::time::sleep(delay).await;
         }
     }
@@ -222,7 +227,7 @@ impl NatsBroker {
                 _ = advisories.next() => {}
                 () = self.stream_check.notified() => {}
             }
-            let mut delay = Duration::from_millis(200);
+            let mut retries = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
             loop {
                 match self.ensure_stream().await {
                     Ok(stream) => {
@@ -240,8 +245,7 @@ impl NatsBroker {
                     }
                     Err(err) => {
                         debug!(error = %err, "stream check failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
+                        tokio::time::sleep(retries.next_delay()).await;
                     }
                 }
             }

@@ -255,7 +255,8 @@ async fn a_slow_client_delays_nobody_and_gets_whole_events_then_the_newest() {
 }
 
 /// Draining wakes every directly written stream, which ends with the chunked terminator
-/// within the window.
+/// within the window, without sending again what the fan-out already wrote, and closes
+/// its connection (a client reconnecting must reach another instance).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_ends_direct_streams_cleanly_within_the_window() {
     let (state, addr) = serve(Duration::from_millis(500)).await;
@@ -265,13 +266,27 @@ async fn draining_ends_direct_streams_cleanly_within_the_window() {
         clients.push(Client::connect(addr, None).await);
     }
     until_subscribed(&state, 5).await;
+    // Written by the fan-out, not by the streams' own tasks.
+    state.hub().apply("env", update(1_000_001));
+    for client in &mut clients {
+        assert_eq!(client.until(1_000_001).await, 2);
+    }
     state.begin_drain();
     for client in &mut clients {
-        let ended = tokio::time::timeout(Duration::from_secs(5), async {
-            while client.event().await.is_some() {}
-        })
-        .await;
-        assert!(ended.is_ok(), "the stream ended with its terminator");
+        let ended = tokio::time::timeout(Duration::from_secs(5), client.event()).await;
+        assert_eq!(
+            ended.expect("ends within the window"),
+            None,
+            "the terminator next, nothing sent again"
+        );
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(2), client.reader.read_to_end(&mut rest))
+                .await;
+        assert!(
+            matches!(closed, Ok(Ok(0))),
+            "closed after the terminator: {closed:?}"
+        );
     }
     until_subscribed(&state, 0).await;
 }

@@ -382,6 +382,45 @@ async fn stream_sends_keepalives_in_silence() {
     assert_eq!(started.elapsed(), Duration::from_secs(15));
 }
 
+/// A keep-alive fills a silence: an event puts the next one off to a whole interval after
+/// it, rather than the stream sending a comment every interval whatever it wrote.
+#[tokio::test(start_paused = true)]
+async fn an_event_puts_off_the_next_keepalive() {
+    use crate::hub::Update;
+    use std::time::SystemTime;
+    let (state, _) = state();
+    let response = handle(state.clone(), get("/sse/environments/env/stream"))
+        .await
+        .expect("infallible");
+    let mut body = response.into_body();
+    let started = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    state.hub().apply(
+        "env",
+        Update {
+            timestamp: Timestamp::from_micros(1_000_000).expect("in range"),
+            sequence: 1,
+            stored_at: SystemTime::now(),
+        },
+    );
+    let mut next = async || {
+        let frame = body.frame().await.expect("frame").expect("infallible");
+        let text = String::from_utf8(frame.into_data().expect("data").to_vec()).expect("utf-8");
+        (text, started.elapsed())
+    };
+    let (event, at) = next().await;
+    assert!(event.starts_with("event: environment_updated\n"), "{event}");
+    assert_eq!(at, Duration::from_secs(10));
+    assert_eq!(
+        next().await,
+        (": keepalive\n\n".to_owned(), Duration::from_secs(25))
+    );
+    assert_eq!(
+        next().await,
+        (": keepalive\n\n".to_owned(), Duration::from_secs(40))
+    );
+}
+
 /// hyper keeps a request's future and body for the whole life of an HTTP/2 stream, so
 /// their sizes are memory per subscriber: keep them small (queue-change's future is boxed).
 #[tokio::test]
