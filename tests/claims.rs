@@ -281,3 +281,42 @@ async fn nats_readiness_waits_for_every_stored_environment() {
          of not ready)"
     );
 }
+
+/// The connected gauge needs both Redis connections, the writer's and the reader's: an
+/// instance whose writes succeed but whose reader cannot follow the feed (a Redis user
+/// denied XREAD, XREVRANGE and HGETALL) does not say connected, since its subscribers would
+/// miss every other instance's updates.
+#[tokio::test]
+async fn the_redis_broker_is_not_connected_with_its_writer_alone() {
+    let redis = Redis::start();
+    let reply = redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "blind",
+        "on",
+        ">blindpw",
+        "~*",
+        "&*",
+        "+@all",
+        "-xread",
+        "-xrevrange",
+        "-hgetall",
+    ]);
+    assert_eq!(reply.trim(), "OK");
+    let svc = Service::start_redis(
+        &redis.url(),
+        &[("REDIS_USERNAME", "blind"), ("REDIS_PASSWORD", "blindpw")],
+    );
+    // The writer is up: a write is stored.
+    let resp = svc.publish_until_ok("env", "1.5").await;
+    assert_eq!(resp.json()["status"], "stored", "{}", resp.body);
+    let connected = "flagsmith_sse_broker_connected{broker=\"redis\"}";
+    // The reader reconnects and fails again, so it is up for moments at a time: look often.
+    let mut said = Vec::new();
+    for _ in 0..20 {
+        said.push(metric(&get(svc.addr, "/metricsz").await.body, connected));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(said.contains(&0.0), "always connected: {said:?}");
+    assert_ne!(get(svc.addr, "/readyz").await.status, 200);
+}
