@@ -311,6 +311,55 @@ async fn tls_offers_h2_and_http11_by_alpn() {
     }
     assert_eq!(h2.next_update(5 * SECOND).await, Some(7.25));
     assert_eq!(h1.next_update(5 * SECOND).await, Some(7.25));
+
+    // A client that resets its TLS HTTP/1.1 stream lost what was in flight: counted under
+    // the last thing its stream wrote (the event), as for plain streams.
+    let data_errors = async || {
+        let tcp = tokio::net::TcpStream::connect(svc.addr)
+            .await
+            .expect("connect");
+        let tls = connector(&[b"http/1.1"])
+            .connect(name.clone(), tcp)
+            .await
+            .expect("TLS");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let request = hyper::Request::get("/metricsz")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        metric(
+            &String::from_utf8_lossy(&body),
+            "flagsmith_sse_http_errors_total{message=\"data\"}",
+        )
+    };
+    assert_eq!(data_errors().await, 0.0);
+    let tcp = tokio::net::TcpStream::connect(svc.addr)
+        .await
+        .expect("connect");
+    // Closed with a reset rather than a FIN.
+    tcp.set_zero_linger().expect("linger");
+    let tls = connector(&[b"http/1.1"])
+        .connect(name.clone(), tcp)
+        .await
+        .expect("TLS handshake");
+    let mut h1 = Sse::over_h1(tls, svc.addr, KEY).await;
+    assert_eq!(h1.next_update(5 * SECOND).await, Some(7.25));
+    drop(h1);
+    eventually_async(
+        Duration::from_secs(5),
+        "the reset to be counted",
+        async || data_errors().await == 1.0,
+    )
+    .await;
 }
 
 #[tokio::test]
