@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 use tracing::{debug, warn};
 
@@ -18,7 +18,7 @@ use crate::environment::validate_key;
 use crate::error::{ApiError, Body, MAX_BODY_BYTES, full};
 use crate::metrics::{Gauges, LastWrite, WriteKind};
 use crate::routes::{Route, route};
-use crate::sse::{Transport, event_stream};
+use crate::sse::{EventBody, Transport};
 use crate::state::AppState;
 use crate::timestamp::Timestamp;
 use crate::wire::{ALLOW_ORIGIN, STREAM_HEADERS};
@@ -56,7 +56,7 @@ where
             };
             let last_write = request.extensions().get::<Arc<LastWrite>>().cloned();
             match state.open_stream(key, transport, last_write) {
-                Ok(subscriber) => Ok(stream_response(subscriber)),
+                Ok(subscriber) => Ok(stream_response(subscriber, key)),
                 Err(err) => {
                     return Either::Right(Box::pin(async move {
                         state.delay_refusal().await;
@@ -153,10 +153,8 @@ fn metrics(state: &AppState) -> Response<Body> {
 
 /// The response of an open stream: the stream headers, and a body that writes whatever
 /// the subscriber sends.
-fn stream_response(subscriber: crate::sse::Subscriber) -> Response<Body> {
-    let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(event_stream(
-        subscriber,
-    ))));
+fn stream_response(subscriber: crate::sse::Subscriber, key: &str) -> Response<Body> {
+    let mut response = Response::new(BodyExt::boxed_unsync(EventBody::new(subscriber, key)));
     let headers = response.headers_mut();
     for (name, value) in STREAM_HEADERS {
         headers.insert(name, HeaderValue::from_static(value));
