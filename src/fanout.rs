@@ -203,7 +203,7 @@ struct Members {
 #[derive(Debug)]
 struct Slab<T> {
     entries: Vec<Option<T>>,
-    free: Vec<usize>,
+    free: Vec<u32>,
 }
 
 impl<T> Default for Slab<T> {
@@ -216,22 +216,27 @@ impl<T> Default for Slab<T> {
 }
 
 impl<T> Slab<T> {
-    fn insert(&mut self, value: T) -> usize {
+    fn insert(&mut self, value: T) -> u32 {
         match self.free.pop() {
             Some(index) => {
-                self.entries[index] = Some(value);
+                self.entries[index as usize] = Some(value);
                 index
             }
             None => {
                 self.entries.push(Some(value));
-                self.entries.len() - 1
+                // Fewer than 2^32 entries: see `Place`.
+                (self.entries.len() - 1) as u32
             }
         }
     }
 
     /// Whether `index` held an entry.
-    fn remove(&mut self, index: usize) -> bool {
-        let removed = self.entries.get_mut(index).and_then(Option::take).is_some();
+    fn remove(&mut self, index: u32) -> bool {
+        let removed = self
+            .entries
+            .get_mut(index as usize)
+            .and_then(Option::take)
+            .is_some();
         if removed {
             self.free.push(index);
         }
@@ -261,7 +266,9 @@ impl Shard {
 impl Audience {
     pub fn new(shards: usize) -> Self {
         Self {
-            shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
+            shards: (0..shards.clamp(1, 1 << 16))
+                .map(|_| Shard::default())
+                .collect(),
             next: AtomicUsize::new(0),
         }
     }
@@ -278,9 +285,9 @@ impl Audience {
         self.shards.len()
     }
 
-    fn next_shard(&self) -> u32 {
-        // Shards are one per worker thread: far fewer than `u32::MAX`.
-        (self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len()) as u32
+    fn next_shard(&self) -> u16 {
+        // At most `u16::MAX + 1` shards (see `new`), so the remainder fits.
+        (self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len()) as u16
     }
 
     fn shard(&self, place: Place) -> &Shard {
@@ -321,7 +328,7 @@ impl Audience {
             return;
         }
         let mut members = self.shard(place).lock();
-        if let Some(Some(held)) = members.tasks.entries.get_mut(place.index)
+        if let Some(Some(held)) = members.tasks.entries.get_mut(place.index as usize)
             && !held.will_wake(waker)
         {
             held.clone_from(waker);
@@ -437,9 +444,11 @@ impl Audience {
 /// Where a member sits in its audience.
 #[derive(Clone, Copy, Debug)]
 pub struct Place {
-    index: usize,
-    /// A `u32` with the kind, so a place takes 16 bytes (one per hyper subscriber).
-    shard: u32,
+    /// Narrow fields, so that a place takes 8 bytes: hyper's bodies each hold one. A slab
+    /// of 2^32 entries (64 GiB of slots) cannot exist on a machine this runs on, and shards
+    /// are one per worker thread.
+    index: u32,
+    shard: u16,
     kind: Kind,
 }
 
