@@ -22,7 +22,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -183,31 +183,92 @@ const AGAIN: u8 = 2;
 
 #[derive(Debug, Default)]
 struct Shard {
-    links: Mutex<Slab>,
+    members: Mutex<Members>,
     pass: AtomicU8,
-    /// Links held, read without the lock to skip empty shards.
+    /// Members held (sockets and tasks), read without the lock to skip empty shards.
     len: AtomicUsize,
 }
 
-/// Links at stable indices (a pass walks them in batches while links come and go: an index
-/// must not move under it), free places reused.
+/// A shard's members: sockets the pass writes, and tasks it only wakes (hyper's bodies,
+/// which look at the hub themselves when woken). A task is held as its bare `Waker`, not
+/// a shared cell: this is memory per subscriber, and a task refreshes it under the lock.
 #[derive(Debug, Default)]
-struct Slab {
-    entries: Vec<Option<Arc<Link>>>,
-    free: Vec<usize>,
+struct Members {
+    sockets: Slab<Arc<Link>>,
+    tasks: Slab<Waker>,
+}
+
+/// Entries at stable indices (a pass walks them in batches while members come and go: an
+/// index must not move under it), free places reused.
+#[derive(Debug)]
+struct Slab<T> {
+    entries: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, value: T) -> u32 {
+        match self.free.pop() {
+            Some(index) => {
+                self.entries[index as usize] = Some(value);
+                index
+            }
+            None => {
+                self.entries.push(Some(value));
+                // Fewer than 2^32 entries: see `Place`.
+                (self.entries.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Whether `index` held an entry.
+    fn remove(&mut self, index: u32) -> bool {
+        let removed = self
+            .entries
+            .get_mut(index as usize)
+            .and_then(Option::take)
+            .is_some();
+        if removed {
+            self.free.push(index);
+        }
+        if self.free.len() == self.entries.len() {
+            // Empty: give the memory back.
+            *self = Self::default();
+        }
+        removed
+    }
+
+    /// The entries from `from`, at most one batch, and where the next batch starts.
+    fn batch(&self, from: usize) -> Option<(impl Iterator<Item = &T>, Option<usize>)> {
+        let end = self.entries.len().min(from.saturating_add(BATCH));
+        let batch = self.entries.get(from..end)?;
+        let next = (end < self.entries.len()).then_some(end);
+        Some((batch.iter().flatten(), next))
+    }
 }
 
 impl Shard {
-    fn lock(&self) -> MutexGuard<'_, Slab> {
-        // Insert and remove leave the slab consistent at every panic point.
-        self.links.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Members> {
+        // Insert and remove leave the slabs consistent at every panic point.
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Audience {
     pub fn new(shards: usize) -> Self {
         Self {
-            shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
+            shards: (0..shards.clamp(1, 1 << 16))
+                .map(|_| Shard::default())
+                .collect(),
             next: AtomicUsize::new(0),
         }
     }
@@ -224,39 +285,65 @@ impl Audience {
         self.shards.len()
     }
 
+    fn next_shard(&self) -> u16 {
+        // At most `u16::MAX + 1` shards (see `new`), so the remainder fits.
+        (self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len()) as u16
+    }
+
+    fn shard(&self, place: Place) -> &Shard {
+        &self.shards[place.shard as usize]
+    }
+
     /// Registers `link`; it stays until the returned place is given to `detach`.
     pub fn attach(&self, link: Arc<Link>) -> Place {
-        let shard = self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len();
-        let mut slab = self.shards[shard].lock();
-        let index = match slab.free.pop() {
-            Some(index) => {
-                slab.entries[index] = Some(link);
-                index
-            }
-            None => {
-                slab.entries.push(Some(link));
-                slab.entries.len() - 1
-            }
+        let place = Place {
+            shard: self.next_shard(),
+            index: 0,
+            kind: Kind::Socket,
         };
-        self.shards[shard].len.fetch_add(1, Ordering::Relaxed);
-        Place { shard, index }
+        let shard = self.shard(place);
+        let index = shard.lock().sockets.insert(link);
+        shard.len.fetch_add(1, Ordering::Relaxed);
+        Place { index, ..place }
+    }
+
+    /// Registers a task to be woken by every pass (and by `wake_all`), with `waker` until
+    /// it calls `register`; it stays until the returned place is given to `detach`.
+    pub fn attach_task(&self, waker: Waker) -> Place {
+        let place = Place {
+            shard: self.next_shard(),
+            index: 0,
+            kind: Kind::Task,
+        };
+        let shard = self.shard(place);
+        let index = shard.lock().tasks.insert(waker);
+        shard.len.fetch_add(1, Ordering::Relaxed);
+        Place { index, ..place }
+    }
+
+    /// Makes `waker` the one a task at `place` is woken with. Cheap when it already is
+    /// (a task's waker rarely changes), so a task calls it every time before it looks.
+    pub fn register(&self, place: Place, waker: &Waker) {
+        if place.kind != Kind::Task {
+            return;
+        }
+        let mut members = self.shard(place).lock();
+        if let Some(Some(held)) = members.tasks.entries.get_mut(place.index as usize)
+            && !held.will_wake(waker)
+        {
+            held.clone_from(waker);
+        }
     }
 
     pub fn detach(&self, place: Place) {
-        let shard = &self.shards[place.shard];
-        let mut slab = shard.lock();
-        if slab
-            .entries
-            .get_mut(place.index)
-            .and_then(Option::take)
-            .is_some()
-        {
-            slab.free.push(place.index);
+        let shard = self.shard(place);
+        let mut members = shard.lock();
+        let removed = match place.kind {
+            Kind::Socket => members.sockets.remove(place.index),
+            Kind::Task => members.tasks.remove(place.index),
+        };
+        if removed {
             shard.len.fetch_sub(1, Ordering::Relaxed);
-        }
-        if slab.free.len() == slab.entries.len() {
-            // Empty: give the memory back.
-            *slab = Slab::default();
         }
     }
 
@@ -296,29 +383,49 @@ impl Audience {
         false
     }
 
-    /// Writes `delivery` to the links of `shard` from index `from`, one batch; returns where
-    /// the next batch starts, or `None` at the end.
+    /// Writes `delivery` to the sockets of `shard` from index `from`, one batch; returns
+    /// where the next batch starts, or `None` at the end.
     pub fn write_batch(&self, shard: usize, from: usize, delivery: &Delivery) -> Option<usize> {
-        let slab = self.shards[shard].lock();
-        let end = slab.entries.len().min(from + BATCH);
-        let batch = slab.entries.get(from..end)?;
+        let members = self.shards[shard].lock();
+        let (batch, next) = members.sockets.batch(from)?;
         let (now, mut tally) = (Instant::now(), DeliveryTally::default());
-        for link in batch.iter().flatten() {
+        let mut metrics = None;
+        for link in batch {
             link.offer(delivery, now, &mut tally);
+            metrics = Some(&link.metrics);
         }
         // Every link holds the service's one `Metrics`.
-        if let Some(link) = batch.iter().flatten().next() {
-            link.metrics.add_deliveries(&tally);
+        if let Some(metrics) = metrics {
+            metrics.add_deliveries(&tally);
         }
-        (end < slab.entries.len()).then_some(end)
+        next
     }
 
-    /// Wakes every link's task (drain began, or the hub closed).
+    /// Wakes the tasks of `shard` from index `from`, one batch; returns where the next
+    /// batch starts, or `None` at the end.
+    pub fn wake_batch(&self, shard: usize, from: usize) -> Option<usize> {
+        let members = self.shards[shard].lock();
+        let (batch, next) = members.tasks.batch(from)?;
+        batch.for_each(Waker::wake_by_ref);
+        next
+    }
+
+    /// Wakes every member's task (drain began, or the hub closed).
     pub fn wake_all(&self) {
         for shard in &self.shards {
-            for link in shard.lock().entries.iter().flatten() {
-                link.wake();
-            }
+            let members = shard.lock();
+            members
+                .sockets
+                .entries
+                .iter()
+                .flatten()
+                .for_each(|l| l.wake());
+            members
+                .tasks
+                .entries
+                .iter()
+                .flatten()
+                .for_each(Waker::wake_by_ref);
         }
     }
 
@@ -334,11 +441,21 @@ impl Audience {
     }
 }
 
-/// Where a link sits in its audience.
+/// Where a member sits in its audience.
 #[derive(Clone, Copy, Debug)]
 pub struct Place {
-    shard: usize,
-    index: usize,
+    /// Narrow fields, so that a place takes 8 bytes: hyper's bodies each hold one. A slab
+    /// of 2^32 entries (64 GiB of slots) cannot exist on a machine this runs on, and shards
+    /// are one per worker thread.
+    index: u32,
+    shard: u16,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Socket,
+    Task,
 }
 
 /// Writes all of `bytes` to a socket its task owns, waiting for room as needed.

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -93,6 +94,9 @@ pub type Subscription = watch::Receiver<Latest>;
 pub struct Hub {
     inner: Mutex<Inner>,
     retention: Duration,
+    /// `Inner::closed`, readable without the lock: hyper's bodies look at it each time
+    /// they are woken with nothing new.
+    closed: AtomicBool,
 }
 
 /// One environment's channel. Shared out of the map so that waking its subscribers (which
@@ -149,6 +153,11 @@ impl Channel {
                     tokio::task::yield_now().await;
                 }
             }
+            let mut from = 0;
+            while let Some(next) = self.audience.wake_batch(shard, from) {
+                from = next;
+                tokio::task::yield_now().await;
+            }
             if !self.audience.finish_pass(shard) {
                 return;
             }
@@ -172,6 +181,15 @@ pub struct Attached {
     place: Place,
 }
 
+impl Attached {
+    /// For a task attached with `Hub::attach_task`: wake it with `waker` from now on.
+    /// Called before the task looks at its subscription, so an update after that look
+    /// wakes it.
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.audience.register(self.place, waker);
+    }
+}
+
 impl Drop for Attached {
     fn drop(&mut self) {
         self.audience.detach(self.place);
@@ -191,6 +209,7 @@ impl Hub {
         Self {
             inner: Mutex::default(),
             retention,
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -232,6 +251,21 @@ impl Hub {
         let audience = inner.environments.get(key)?.audience.clone();
         drop(inner);
         let place = audience.attach(link);
+        Some(Attached { audience, place })
+    }
+
+    /// Registers a task that follows `key` (and holds a subscription to it) to be woken by
+    /// the direct fan-out's passes rather than by the subscription: a task waiting on
+    /// the `watch` keeps its waiting future, which is memory per subscriber. `None` once the
+    /// hub is closed.
+    pub fn attach_task(&self, key: &str) -> Option<Attached> {
+        let inner = self.lock();
+        if inner.closed {
+            return None;
+        }
+        let audience = inner.environments.get(key)?.audience.clone();
+        drop(inner);
+        let place = audience.attach_task(std::task::Waker::noop().clone());
         Some(Attached { audience, place })
     }
 
@@ -321,6 +355,7 @@ impl Hub {
         let slots: Vec<Slot> = {
             let mut inner = self.lock();
             inner.closed = true;
+            self.closed.store(true, Ordering::Release);
             inner.environments.drain().map(|(_, slot)| slot).collect()
         };
         let audiences: Vec<Arc<Audience>> =
@@ -333,7 +368,7 @@ impl Hub {
 
     /// Whether `close` has run: directly written streams check it when woken.
     pub fn is_closed(&self) -> bool {
-        self.lock().closed
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Environments that have at least one subscriber here.

@@ -1,21 +1,22 @@
 //! One subscriber's event stream: the latest update on connect, every newer one after,
 //! keep-alive comments in the silences, and a clean end at the stream's age. `Subscriber`
 //! decides what to send; the HTTP/1.1 fast path (`h1_stream`) and hyper bodies
-//! (`event_stream`, for HTTP/2 and TLS) write it.
+//! (`EventBody`, for HTTP/2 and HTTP/1.1 that the fast path does not take) write it.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures_util::Stream;
-use hyper::body::Frame;
+use hyper::body::{Body, Frame};
 use tokio::time::{Instant, Sleep};
 
 use thiserror::Error;
 
-use crate::hub::{Hub, Subscription};
+use crate::hub::{Attached, Hub, Subscription};
 use crate::metrics::{LastWrite, Metrics, WriteKind};
 use crate::spread::scatter;
 use crate::timestamp::Timestamp;
@@ -339,18 +340,77 @@ fn spread_age(age: Duration, serial: u64) -> Duration {
     age.mul_f64(0.9 + 0.2 * scatter(serial, 0xA6E))
 }
 
-/// The body of a `/stream` response served by hyper. It ends at the stream's age or when
-/// the hub closes (shutdown); a client going away drops it.
-pub fn event_stream(
+/// The body of a `/stream` response served by hyper (HTTP/2, and HTTP/1.1 that the fast
+/// path does not take). It ends at the stream's age or when the hub closes (shutdown); a
+/// client going away drops it.
+///
+/// hyper keeps it for the whole life of an HTTP/2 stream, so it is memory per subscriber,
+/// and it holds only the subscriber and its place in the fan-out: it is polled in place
+/// (woken by the fan-out's passes, see `Hub::attach_task`) rather than through a future
+/// waiting on the subscription, which would be kept beside it.
+pub struct EventBody {
     subscriber: Subscriber,
-) -> impl Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
-    futures_util::stream::unfold(subscriber, |mut sub| async move {
-        let outgoing = sub.next().await?;
-        sub.wrote(&outgoing);
+    /// `None`: the hub closed before the stream could be registered; it ends at once.
+    attached: Option<Attached>,
+}
+
+impl EventBody {
+    /// The body of `subscriber`, a subscriber of `key`.
+    pub fn new(subscriber: Subscriber, key: &str) -> Self {
+        let attached = subscriber.context.hub.attach_task(key);
+        Self {
+            subscriber,
+            attached,
+        }
+    }
+
+    fn send(&mut self, outgoing: Outgoing) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.subscriber.wrote(&outgoing);
         let bytes = match outgoing {
             Outgoing::Event { bytes, .. } => bytes,
             Outgoing::Keepalive => KEEPALIVE,
         };
-        Some((Ok(Frame::data(bytes)), sub))
-    })
+        Poll::Ready(Some(Ok(Frame::data(bytes))))
+    }
+}
+
+impl Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    /// What `Subscriber::next` decides, polled in place.
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        let Some(attached) = &this.attached else {
+            return Poll::Ready(None);
+        };
+        // Only when there is nothing to send, and before the last look: an update stored
+        // after that look wakes this task.
+        let mut registered = false;
+        loop {
+            if let Some(event) = this.subscriber.newer() {
+                return this.send(event);
+            }
+            if !registered {
+                attached.register(cx.waker());
+                registered = true;
+                continue;
+            }
+            if this.subscriber.hub_closed() {
+                return Poll::Ready(None);
+            }
+            if this.subscriber.timer().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            match this.subscriber.timer_fired() {
+                Timed::End => return Poll::Ready(None),
+                Timed::Keepalive => return this.send(Outgoing::Keepalive),
+                // Re-armed: polled again above, which registers its new deadline.
+                Timed::Nothing => {}
+            }
+        }
+    }
 }
