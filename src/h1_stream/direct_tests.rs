@@ -334,3 +334,27 @@ async fn a_kept_connection_serves_the_next_stream_after_a_clean_end() {
         "closed after the terminator: {closed:?}"
     );
 }
+
+/// A subscriber that leaves takes only its own place in the fan-out: every other subscriber
+/// of the environment still gets the next update (more subscribers than shards, so that
+/// places share a shard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_leaving_takes_only_its_own_place() {
+    let (state, addr) = serve(Duration::from_secs(1)).await;
+    state.hub().apply("env", update(1_000_000));
+    let mut staying = Vec::new();
+    for _ in 0..10 {
+        staying.push(Client::connect(addr, None).await);
+    }
+    let mut leaving = Vec::new();
+    for _ in 0..10 {
+        leaving.push(Client::connect(addr, None).await);
+    }
+    until_subscribed(&state, 20).await;
+    drop(leaving);
+    until_subscribed(&state, 10).await;
+    state.hub().apply("env", update(1_000_001));
+    for client in &mut staying {
+        assert_eq!(client.until(1_000_001).await, 2);
+    }
+}

@@ -633,3 +633,53 @@ async fn a_stream_never_repeats_an_event_when_its_channel_changes_without_news()
     // The channel changed (draining), the update did not: the stream ends, silently.
     assert!(body.frame().await.is_none(), "the event was sent again");
 }
+
+/// A hyper-served stream that ends takes only its own place in the fan-out: every other
+/// stream of the environment is still woken by the next update (more streams than shards,
+/// so that places share a shard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ending_takes_only_its_own_place() {
+    use crate::hub::Update;
+    use std::time::SystemTime;
+    let mut settings = settings();
+    settings.stream.max_subscribers = 100;
+    settings.stream.max_socket_subscribers = 100;
+    let (state, _) = state_with(settings);
+    let at = |micros| Update {
+        timestamp: Timestamp::from_micros(micros).expect("in range"),
+        sequence: 1,
+        stored_at: SystemTime::now(),
+    };
+    state.hub().apply("env", at(1_000_000));
+    let mut bodies = Vec::new();
+    for _ in 0..20 {
+        let response = handle(state.clone(), get("/sse/environments/env/stream"))
+            .await
+            .expect("infallible");
+        let mut body = response.into_body();
+        // The event on connect; the body then waits, registered with the fan-out.
+        body.frame().await.expect("frame").expect("infallible");
+        bodies.push(body);
+    }
+    bodies.truncate(10);
+    assert_eq!(state.metrics().subscribers(), 10);
+    // Each waits in its own task, as hyper polls it, before the update arrives.
+    let waiting: Vec<_> = bodies
+        .into_iter()
+        .map(|mut body| tokio::spawn(async move { body.frame().await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    state.hub().apply("env", at(2_000_000));
+    for task in waiting {
+        let frame = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("woken by the update")
+            .expect("joined")
+            .expect("frame")
+            .expect("infallible");
+        assert_eq!(
+            &frame.into_data().expect("data")[..],
+            b"event: environment_updated\ndata: {\"updated_at\": 2.0}\n\n"
+        );
+    }
+}
